@@ -526,6 +526,8 @@ EXPECT_SPELLINGS = {
     "list": b"Expect: 100-continue, foo\r\n",       # a list holding 100-continue
     "two fields": b"Expect: foo\r\nExpect: 100-continue\r\n",
     "unknown": b"Expect: foo\r\n",  # a hop in front may have taken it for 100-continue
+    "empty": b"Expect:\r\n",        # as any other: the proxy listener closed, the admin one
+    "blank": b"Expect: \t \r\n",    # kept the connection (an empty expectation read as none)
 }
 
 

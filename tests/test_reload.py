@@ -2111,3 +2111,108 @@ async def test_fail_open_never_grants_a_scope_a_reload_took_from_the_keys_role(
                     assert r.status == 200, (when, await r.text())  # what the role still gives
         finally:
             own_redis.start()
+
+
+async def test_identity_header_names_a_reload_retired_are_still_stripped_from_requests(
+        reloadable, upstreams):
+    """A reload that renames the identity headers leaves the old names to the client: an
+    upstream still reading X-Workspace-Id during the migration believed a client's forged
+    copy. A name keygate has set in this process's life stays dropped from client requests,
+    in any spelling, on both the fast path and the one a ``Connection`` header takes."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    token, _ = await gw.key(role="reader")
+    forged = [("X-Workspace-Id", "evil"), ("x_workspace_id", "evil"),
+              ("X.Api.Key.Id", "evil"), ("X-Api-Scopes", "evil"), ("X-Workspace-Plan", "evil"),
+              ("X-Tenant", "evil")]
+
+    async def seen(*extra: tuple[str, str]) -> dict[str, str]:
+        headers = [("Authorization", f"Bearer {token}"), *forged, *extra]
+        async with gw.proxy.get("/people/1", headers=headers) as r:
+            assert r.status == 200
+            return {k.lower(): v for k, v in (await r.json())["headers"].items()}
+
+    renamed = {"workspace": "X-Tenant", "key_id": "X-Tenant-Key", "scopes": "X-Tenant-Scopes",
+               "plan": "X-Tenant-Plan"}
+    write(path, config_doc(urls["a"], identity_headers=renamed))
+    assert (await reload(gw))[0] == 200
+    for extra in ((), (("Connection", "X-Unrelated"),)):
+        got = await seen(*extra)
+        assert got["x-tenant"] == "acme", got  # keygate's own, not the client's
+        assert "evil" not in got.values(), got
+    # renamed again: both earlier names stay dropped
+    write(path, config_doc(urls["a"], identity_headers={"workspace": "X-Org"}))
+    assert (await reload(gw))[0] == 200
+    for extra in ((), (("Connection", "X-Unrelated"),)):
+        got = await seen(*extra)
+        assert got["x-org"] == "acme" and got["x-api-key-id"] != "evil", got
+        assert "evil" not in got.values() and "x-tenant" not in got, got
+
+
+async def test_requests_held_past_the_retired_pools_close_stay_within_the_old_upstreams_bound(
+        tmp_path, upstreams, redis_url, monkeypatch):
+    """Requests that matched their route before a reload moved the upstream, and reached the
+    forwarder only once the retired pool had closed (their store calls slower than its quiet
+    time), each got a pool of its own: as many connections to the old upstream at once as
+    there were such requests, past its ``max_connections`` of 2. Counted as the upstream sees
+    them: the connections it accepted and held open at once."""
+    from gateway.proxying import forward
+    from harness import HeldReplies
+    monkeypatch.setattr(forward, "RETIRED_QUIET", 0.1)
+    urls, _, _ = upstreams
+    open_now = peak = accepted = 0
+
+    async def old(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now, peak, accepted
+        open_now += 1
+        accepted += 1
+        peak = max(peak, open_now)
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):  # GETs: no body
+                await asyncio.sleep(0.3)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 18\r\n\r\n{\"upstream\":\"old\"}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            open_now -= 1
+            writer.close()
+
+    server = await asyncio.start_server(old, "127.0.0.1", 0)
+    old_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        path = tmp_path / "keygate.yaml"
+        doc = config_doc(old_url)
+        doc["upstreams"]["api"]["max_connections"] = 2
+        write(path, doc)
+        async with HeldReplies(redis_url) as relay, \
+                gateway_under_test(load_config(path), relay.url, monkeypatch,
+                                   config_path=str(path)) as gw:
+            forwarder = gw.gw.pipeline.forwarder
+            await gw.workspace("acme")
+            token, _ = await gw.key(role="reader")
+            auth = {"Authorization": f"Bearer {token}"}
+            async with gw.proxy.get("/people/0", headers=auth) as r:  # verified: cached
+                assert r.status == 200
+            relay.hold()
+            async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
+                sent = [asyncio.ensure_future(other.get(f"/people/{n}", headers=auth))
+                        for n in range(6)]
+                assert await eventually(lambda: relay.held_back), "no store call was held"
+                await asyncio.sleep(0.2)  # the others' authorize calls too
+                write(path, config_doc(urls["b"]))
+                status, _ = await reload(gw)
+                assert status == 200
+                # the old upstream's retired pool, unused, is closed before they go on
+                assert await eventually(lambda: not forwarder._retired), "still retiring"
+                peak = 0
+                relay.release()
+                answers = await asyncio.gather(*sent)
+                bodies = [(r.status, await r.json()) for r in answers]
+                for r in answers:
+                    r.release()
+            assert bodies == [(200, {"upstream": "old"})] * 6
+            assert peak <= 2, (peak, accepted)
+    finally:
+        server.close()

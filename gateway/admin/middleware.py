@@ -292,8 +292,9 @@ def error_middleware(config: Config, *, authenticate: bool = True,
         # a client that waits for 100 Continue before it sends its body (AdminRunner leaves
         # that answer to this middleware: it is sent once the caller is admitted). Any
         # expectation counts: one refused 417 below (a list holding 100-continue, two fields,
-        # one unknown) may have been met with a 100 by a proxy in front, the body held back
-        held_back = request.body_exists and bool(request.get(EXPECTATION))
+        # one unknown, an empty one) may have been met with a 100 by a proxy in front, the body
+        # held back: an Expect field sent, whatever it holds, as the proxy listener judges it
+        held_back = request.body_exists and EXPECTATION in request
         try:
             if request.method == "CONNECT":
                 # aiohttp's parser ends a CONNECT at its head and, once it is answered, reads

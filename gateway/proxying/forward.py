@@ -164,6 +164,7 @@ class Forwarder:
         # the pools a reload took out of use, by the upstream they were made for, until their
         # requests are done: requests in flight through the reload still use them
         self._retired: dict[Upstream, tuple[UpstreamPool, str, str]] = {}
+        self.header_rules: RequestHeaderRules | None = None
         self._settle(config)
         # Called with (upstream name, seconds from sending to the response headers) for each
         # upstream answer; the app wires it to keygate_upstream_duration_seconds.
@@ -171,7 +172,9 @@ class Forwarder:
 
     def _settle(self, config: Config) -> None:
         self.config = config
-        self.header_rules = RequestHeaderRules(config)
+        # the identity header names earlier configs set stay dropped from client requests
+        before = self.header_rules
+        self.header_rules = RequestHeaderRules(config, before.injected if before else ())
         signing = config.identity_signature
         self._sign_secret: bytes | None = None
         if signing is not None:
@@ -203,10 +206,15 @@ class Forwarder:
             entry = self._pools.pop(name, None)
             if entry is None:
                 continue
-            self._retired[before] = entry
-            task = asyncio.ensure_future(self._retire(entry, before))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._retire_later(entry, before)
+
+    def _retire_later(self, entry: tuple[UpstreamPool, str, str], upstream: Upstream) -> None:
+        """Serve the requests still meant for ``upstream`` (a reload changed or removed it)
+        from ``entry``'s pool, within its bound, and close it once they are done."""
+        self._retired[upstream] = entry
+        task = asyncio.ensure_future(self._retire(entry, upstream))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _trust_changed(self, name: str) -> bool:
         """Whether the ``ca_file`` of upstream ``name``'s pool holds other contents than its
@@ -283,8 +291,13 @@ class Forwarder:
             entry = (pool, url.raw_path.rstrip("/"), url.host_port_subcomponent or url.host or "")
             if current:
                 self._pools[upstream.name] = entry
-            else:  # its retired pool is closed: this request's alone, its connection not kept
-                pool.closed = True
+            else:
+                # its retired pool is closed (its requests reached here after it had been
+                # quiet for RETIRED_QUIET: their store calls were slower): one retired pool
+                # again, which they all share within the upstream's max_connections (a pool
+                # each took as many connections as there were such requests)
+                pool.retire()
+                self._retire_later(entry, upstream)
         return entry
 
     # --- the request -------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Request headers, in one pass over the client's headers:
 - client-sent identity headers are dropped whatever their case, however often repeated, and
   in the ``_`` spelling (``X_Workspace_Id``) that CGI/WSGI-style upstreams read as the same
   header, or with any other punctuation (``X.Workspace.Id``), which lighttpd's CGI, FastCGI
-  and SCGI also hand over as ``HTTP_X_WORKSPACE_ID``. All header-name comparisons here map
+  and SCGI also hand over as ``HTTP_X_WORKSPACE_ID``; so are the identity header names
+  earlier configs of this process set (a reload renamed them). All header-name comparisons here map
   every punctuation character (``_``, ``.``, ``+``, ...) to ``-`` (``models.header_key``);
 - ``X-Forwarded-*`` and ``Forwarded`` from the client are dropped unless the peer is in
   ``server.trusted_proxies`` (``gateway.trust``: the same decision the failure throttle
@@ -65,7 +66,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -176,9 +177,14 @@ _IDENTITIES_MAX = 4096  # principals whose identity header values are kept forma
 class RequestHeaderRules:
     """The request-header rules of one config (see the module docstring)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, retired: Iterable[str] = ()) -> None:
+        """``retired``: identity header names earlier configs of this process set (a reload
+        renamed them), dropped from requests as the current ones are."""
         ident = config.identity_headers
         self.identity = tuple(ident.names())  # workspace, key id, scopes, plan
+        # every identity header name set in this process's life, this config's included
+        # (_norm names): the next config's rules are handed them as ``retired``
+        self.injected = frozenset(_norm(n) for n in (*retired, *self.identity))
         signing = config.identity_signature
         self.sign_header = signing.header if signing else SIGNATURE_HEADER
         self.sign_secret: bytes | None = None  # set by the Forwarder that reads the secret
@@ -192,7 +198,9 @@ class RequestHeaderRules:
         self.body_timeout = config.server.timeouts.body
         # Dropped from every request whatever the route (names normalised with _norm).
         always = set(HOP_BY_HOP)
-        always.update(_norm(n) for n in self.identity)
+        # the names earlier configs set too: an upstream still reading an old name while it
+        # moves to the new one must never read a client's copy
+        always.update(self.injected)
         always.update(_norm(h) for h in config.keys.headers)
         always.update(("host", "expect", "content-length", "x-request-id", "traceparent",
                        "tracestate"))
