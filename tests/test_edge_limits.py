@@ -923,6 +923,111 @@ async def test_clients_that_stop_reading_keygates_own_answers_are_cut_off_and_fr
 
 
 
+async def test_a_client_reading_a_long_answer_slowly_but_steadily_is_not_cut_off(
+        redis_url, monkeypatch):
+    """server.timeouts.body closes a client that takes *none* of its answer for that long
+    (docs/configuration.md). The timer ran from the transport pausing (keygate's buffer over
+    its high-water mark) to it resuming (under its low-water mark), so a client reading
+    steadily, but slower than keygate's buffered part of the answer (an upstream read, up to
+    256 KiB) a timeout, never got the buffer that low in time and had its download cut short:
+    at the shipped 60 s, any client under ~4 KiB/s (a poor mobile link). Bytes the client
+    takes are progress: the timer starts again, and only a client that took nothing for the
+    whole timeout is closed. Here: ~40 KiB/s for over 3 body timeouts (1 s), then the rest
+    read at once must be the whole answer."""
+    import socket
+    body = b"x" * (4 << 20)
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/octet-stream")
+
+    async with serving(answer) as url:
+        async with gateway_under_test(edge_config(url), redis_url, monkeypatch) as g:
+            loop = asyncio.get_running_loop()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", g.proxy_server.port))
+            got = bytearray()
+            try:
+                await loop.sock_sendall(sock, b"GET /public/big HTTP/1.1\r\nHost: g\r\n\r\n")
+                started = time.monotonic()
+                while time.monotonic() - started < 3.5:  # 4 KiB every 0.1 s
+                    chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 2.0)
+                    assert chunk, f"closed after {len(got)} bytes"
+                    got += chunk
+                    await asyncio.sleep(0.1)
+                head_end = got.find(b"\r\n\r\n") + 4
+                assert got.startswith(b"HTTP/1.1 200 ") and head_end > 4, got[:200]
+                length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", got[:head_end])[1])
+                assert length == len(body)
+                async with asyncio.timeout(20):
+                    while len(got) < head_end + length:
+                        chunk = await loop.sock_recv(sock, 1 << 20)
+                        if not chunk:
+                            break
+                        got += chunk
+            except ConnectionError as exc:
+                raise AssertionError(f"cut off after {len(got)} bytes: {exc!r}")
+            finally:
+                sock.close()
+            assert len(got) - head_end == length, \
+                f"a client reading ~40 KiB/s got {len(got) - head_end} of {length} bytes"
+
+async def test_a_client_still_taking_its_last_answer_slowly_after_a_close_gets_all_of_it(
+        redis_url, monkeypatch):
+    """A connection closed with part of an answer still in keygate's buffer (here by the
+    keep-alive idle time, server.timeouts.idle, which runs from the answer's last write into
+    the buffers) was cut off, the rest dropped, server.timeouts.body after the close, however
+    steadily its client was still taking it: the flush was judged by time, not by bytes
+    taken. Only a client that took none of it for that long is cut off; this one gets its
+    whole answer.
+
+    keygate's socket gets a small send buffer here (the kernel's autotuning grows it to
+    megabytes on loopback), so that a 60 KB answer outlasts idle (2 s) + body (1 s) at ~10
+    KiB/s: written at once, its handler done, most of it in keygate's own buffer."""
+    import socket
+    body = b"y" * 60_000
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/octet-stream")
+
+    async with serving(answer) as url:
+        async with gateway_under_test(edge_config(url), redis_url, monkeypatch) as g:
+            loop = asyncio.get_running_loop()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", g.proxy_server.port))
+            server = g.gw.proxy_server
+            assert await eventually(lambda: server.connections, 5)
+            [handler] = server.connections
+            handler.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            got = bytearray()
+            try:
+                await loop.sock_sendall(sock, b"GET /public/small HTTP/1.1\r\nHost: g\r\n\r\n")
+                started = time.monotonic()
+                while time.monotonic() - started < 4.5:  # 1 KiB every 0.1 s
+                    chunk = await asyncio.wait_for(loop.sock_recv(sock, 1024), 2.0)
+                    assert chunk, f"closed after {len(got)} bytes"
+                    got += chunk
+                    await asyncio.sleep(0.1)
+                head_end = got.find(b"\r\n\r\n") + 4
+                assert got.startswith(b"HTTP/1.1 200 ") and head_end > 4, got[:200]
+                async with asyncio.timeout(10):
+                    while len(got) < head_end + len(body):
+                        chunk = await loop.sock_recv(sock, 65536)
+                        if not chunk:
+                            break
+                        got += chunk
+            except ConnectionError as exc:
+                raise AssertionError(f"cut off after {len(got)} bytes: {exc!r}")
+            finally:
+                sock.close()
+            assert len(got) - head_end == len(body), \
+                f"a client still taking its answer got {len(got) - head_end} of {len(body)}"
+
+
 async def _pipeline_until_a_tail_is_stuck(port: int, server, request: bytes):
     """A raw client with a tiny receive buffer that never reads: it sends ``request`` again
     and again, each once the last was answered, until the kernel buffers are full and an

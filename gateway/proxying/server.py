@@ -18,12 +18,15 @@ tests/test_edge_*.py say so); an upgrade that changes ``start`` only turns the c
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import hashlib
 import inspect
 import logging
 import math
 import re
+import struct
+import termios
 import uuid
 import warnings
 from typing import Callable
@@ -118,6 +121,25 @@ def _head_size(message) -> int:
         len(name) + len(value) + 4 for name, value in message.raw_headers)
 
 
+def _not_taken(transport) -> int:
+    """The bytes written to ``transport`` that its peer has not taken yet: those in the
+    transport's buffer and, on Linux, those in its socket's send queue (not yet sent, or sent
+    and not acknowledged). The buffer alone does not move while a slow reader takes bytes: the
+    kernel asks for more only once a third of a send buffer (megabytes on a fast link) is free.
+    Read when a write stall's timer fires, not per write."""
+    left = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _OUTQ is not None:
+        try:
+            left += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):  # closed under us, or no such ioctl: the buffer alone
+            pass
+    return left
+
+
+_OUTQ = getattr(termios, "TIOCOUTQ", None)  # SIOCOUTQ: a socket's unacknowledged bytes
+
+
 class BodyFramingBroken(ConnectionResetError):
     """The in-flight request's body can never be read whole: a ``ConnectionError`` like a
     client gone mid-body, which every reader of a body already answers with
@@ -136,6 +158,7 @@ class _JsonErrorRequestHandler(RequestHandler):
     _head_since: float | None = None
     _last_payload = None  # the body stream of the newest request parsed on this connection
     _write_stall: asyncio.TimerHandle | None = None  # armed while the client takes no bytes
+    _stall_mark = 0  # the transport's buffered bytes when that timer was last armed
     _chunked = None   # the body stream of a chunked request whose end is not judged yet
     _before = b""     # the connection's read before the latest (its last _RECENT bytes)
     _latest = b""     # and its latest (likewise)
@@ -151,6 +174,7 @@ class _JsonErrorRequestHandler(RequestHandler):
     upstream_wait: asyncio.Timeout | asyncio.Future | None = None
     _kept = None      # the connection's transport, kept past force_close (it drops .transport)
     _unflushed_since: float | None = None  # when the sweep first saw it closed, bytes unsent
+    _flush_mark = 0  # the bytes its client had not taken then (or when it last took some)
     # bytes held behind an upgrade not yet answered (aiohttp's _message_tail) whose first
     # HEAD_MAX hold no end of a head: never parsed if declined (None: not judged yet)
     _tail_over: bool | None = None
@@ -632,7 +656,8 @@ class _JsonErrorRequestHandler(RequestHandler):
         super().pause_writing()
         timeout = getattr(self._manager, "write_timeout", None)
         if timeout and self._write_stall is None:
-            self._write_stall = self._loop.call_later(timeout, self._reader_stalled)
+            self._stall_mark = _not_taken(self.transport)
+            self._write_stall = self._loop.call_later(timeout, self._reader_stalled, timeout)
         if self._tunnel is not None:  # the upstream waits until the client takes these
             self._tunnel.client_paused()
 
@@ -644,9 +669,20 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._tunnel is not None:
             self._tunnel.client_resumed()
 
-    def _reader_stalled(self) -> None:
+    def _reader_stalled(self, timeout: float) -> None:
+        """``timeout`` seconds since the client's transport paused, or since it last took
+        bytes: closed if it took none of them since (a client reading steadily, but slower than
+        the buffered part of its answer (an upstream read, up to 256 KiB) in a timeout, stays
+        paused all along; its download was cut short). While paused nothing is added to what
+        the client has still to take (the writer waits for it to drain), so less of it is
+        bytes taken."""
         self._write_stall = None
-        if self.transport is not None:
+        transport = self.transport
+        if transport is not None and (left := _not_taken(transport)) < self._stall_mark:
+            self._stall_mark = left
+            self._write_stall = self._loop.call_later(timeout, self._reader_stalled, timeout)
+            return
+        if transport is not None:
             log.info("a client took no bytes of its answer for %g s; closed",
                      self._manager.write_timeout if self._manager else 0)
             self.transport.abort()  # connection_lost fails the waiting write: handler ends
@@ -730,8 +766,11 @@ class _JsonErrorRequestHandler(RequestHandler):
         if transport is None or not transport.is_closing() \
                 or not transport.get_write_buffer_size():
             return False
-        if self._unflushed_since is None:
-            self._unflushed_since = now
+        left = _not_taken(transport)
+        if self._unflushed_since is None or left < self._flush_mark:
+            # (first seen, or the client took bytes since: a slow reader finishing its
+            # download is no stalled one) the timeout runs from now
+            self._unflushed_since, self._flush_mark = now, left
         return now - self._unflushed_since >= timeout
 
     def waiting_since(self) -> float | None:
