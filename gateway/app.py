@@ -190,6 +190,9 @@ async def running_gateway(config: Config, store_url: str, *,
             metrics.upstreams_known(new.upstreams)  # an upstream added: its errors at zero
             if access is not None:  # on or off, json or text: a restart (it owns a writer)
                 access.prefix = new.keys.prefix
+            if config.tracing is not None:  # (restart-only: the tracer of the start, still)
+                # the spans mask what the access log masks, of the config now in force
+                pipeline.tracer.mask_path = _span_mask(new.keys.prefix)
             logging.getLogger().setLevel(new.server.log_level.upper())
             gw.config = new
 
@@ -303,15 +306,21 @@ def _otel_tracer(config: Config, client_address: Callable):
     installed)."""
     from yarl import URL
 
-    from .accesslog import mask_path
     from .otel import OtelTracer
     hosts = {}
     for name, upstream in config.upstreams.items():
         url = URL(upstream.url)
         hosts[name] = (url.host or "", url.port or 0)
-    prefix = config.keys.prefix
-    return OtelTracer(config.tracing, hosts, mask_path=lambda path: mask_path(path, prefix),
+    return OtelTracer(config.tracing, hosts, mask_path=_span_mask(config.keys.prefix),
                       client_address=client_address)
+
+
+def _span_mask(prefix: str) -> Callable[[str], str]:
+    """What the spans' paths, User-Agent and tracestate members are masked with: the access
+    log's masking (keys of ``prefix``). Made anew at each reload (the swap sets it on the
+    tracer): a mask closing over the start's prefix left a reloaded prefix's keys whole."""
+    from .accesslog import mask_path
+    return lambda text: mask_path(text, prefix)
 
 
 def raise_open_file_limit(config: Config) -> int:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gzip
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 
 pytest.importorskip("opentelemetry.sdk")
@@ -13,7 +16,7 @@ pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
     ExportTraceServiceRequest)
 
-from gateway.config import TracingConfig  # noqa: E402
+from gateway.config import TracingConfig, load_config  # noqa: E402
 from tests.harness import gateway_under_test, make_config  # noqa: E402
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -547,3 +550,55 @@ def test_the_traces_path_is_added_to_a_bare_endpoint_only():
     assert traces_url("http://c:4318?tenant=a") == "http://c:4318/v1/traces?tenant=a"
     assert traces_url("http://c:4318/?tenant=a#x") == "http://c:4318/v1/traces?tenant=a#x"
     assert traces_url("http://c:4318/otlp/v1/traces?t=1") == "http://c:4318/otlp/v1/traces?t=1"
+
+
+# --- across a reload --------------------------------------------------------------------------
+
+def reloadable_doc(upstream_url: str, receiver, **changes: Any) -> dict[str, Any]:
+    """A config file's content, traced to ``receiver``, with a public route (``/hooks/**``)."""
+    doc = {
+        "server": {"host": "127.0.0.1", "port": 18080},
+        "admin": {"host": "127.0.0.1", "port": 18081},
+        "keys": {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
+        "plans": {"starter": {"monthly_requests": 1000, "max_keys": 5}},
+        "default_plan": "starter",
+        "upstreams": {"api": {"url": upstream_url, "timeout": 5}},
+        "routes": [{"path": "/hooks/**", "methods": ["GET"], "upstream": "api",
+                    "public": True}],
+        "tracing": {"otlp_endpoint": str(receiver.make_url("")), "service_name": "gw"},
+    }
+    doc.update(changes)
+    return doc
+
+
+def write_doc(path: Path, doc: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(doc))
+
+
+async def test_spans_mask_tokens_of_the_key_prefix_a_reload_set(tmp_path, upstream, receiver,
+                                                                redis_url, monkeypatch):
+    """Regression: the tracer's mask closed over the key prefix read at start, so after a
+    reload to ``keys.prefix: xy`` every ``xy_live_...`` token in a path or the User-Agent was
+    exported whole (``url.path``, ``user_agent.original``). The spans mask as the access log
+    does, with the config in force."""
+    path = tmp_path / "keygate.yaml"
+    url = str(upstream.make_url(""))
+    write_doc(path, reloadable_doc(url, receiver))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as gw:
+        await gw.workspace("acme")
+        write_doc(path, reloadable_doc(url, receiver, keys={
+            "prefix": "xy", "argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}}))
+        status, body = await gw.admin_json("POST", "/reload")
+        assert status == 200, body
+        token, _ = await gw.key("acme")
+        assert token.startswith("xy_live_")
+        async with gw.proxy.get(f"/hooks/{token}",
+                                headers={"User-Agent": f"sync/1 ({token})"}) as r:
+            assert r.status == 200
+    assert receiver.spans, "no span was exported"
+    secret = token.rsplit("_", 1)[1][12:44]
+    assert secret.encode() not in b"".join(receiver.raw), \
+        [s["attributes"].get("url.path") for s in receiver.spans]
+    server = [s for s in receiver.spans if s["name"].startswith("GET")]
+    assert server[-1]["attributes"]["url.path"] == "/hooks/***", server[-1]["attributes"]
