@@ -24,13 +24,20 @@ from aiohttp import web
 
 from .config import Config
 from .percent import unquote_latin1
-from .tokens import ID_LEN, SECRET_LEN
+from .tokens import ID_LEN, SECRET_LEN, alternation as _alternation, marked
 
 _SEPARATORS = re.compile(r"([&;])")
-_KEY_LIKE: dict[str, re.Pattern[str]] = {}
+_KEY_LIKE: dict["Prefixes", re.Pattern[str]] = {}
+
+Prefixes = "str | tuple[str, ...]"
+"""The key prefixes a log masks: one (``keys.prefix``, as long as no reload changed it), or
+every one this process has used since it started (``Pipeline.key_prefixes``): a key of a
+prefix a reload replaced still opens its key (under the new prefix, its checksum recomputed;
+on a replica not yet reloaded, as it is). The functions below take either; one prefix costs
+what it always did, several are one regex alternation."""
 
 
-def _key_like(prefix: str) -> re.Pattern[str]:
+def _key_like(prefix: "Prefixes") -> re.Pattern[str]:
     """``<prefix>_<env>_`` then a key id and any of a secret (and as much of a checksum as
     follows): a key whether its checksum verifies or not. One mistyped in its checksum still
     holds the secret whole, and the checksum is computed from the rest; one cut short holds
@@ -39,12 +46,12 @@ def _key_like(prefix: str) -> re.Pattern[str]:
     pattern = _KEY_LIKE.get(prefix)
     if pattern is None:
         pattern = _KEY_LIKE[prefix] = re.compile(
-            r"%s_[0-9A-Za-z-]+_[0-9A-Za-z]{%d,%d}" % (re.escape(prefix), ID_LEN + 1,
+            r"%s_[0-9A-Za-z-]+_[0-9A-Za-z]{%d,%d}" % (_alternation(prefix), ID_LEN + 1,
                                                      ID_LEN + SECRET_LEN + 6))
     return pattern
 
 
-def holds_key(text: str, prefix: str) -> bool:
+def holds_key(text: str, prefix: "Prefixes") -> bool:
     """Whether ``text`` (a query, a part of one, a path) holds a key as ``_key_like`` reads one,
     percent-decoded (``+`` as space) up to three times, as the pipeline's ``key_in_url`` check
     (:func:`gateway.routes.query_has_token`) decodes: every query it refuses is masked too.
@@ -83,9 +90,11 @@ def holds_token(text: str, prefix: str, environments: tuple[str, ...]) -> bool:
     return _holds(text, prefix, _token_like(prefix, environments))
 
 
-def _holds(text: str, prefix: str, pattern: re.Pattern[str]) -> bool:
-    marker = prefix + "_"
-    return holds_decoded(text, lambda t: marker in t and pattern.search(t) is not None)
+def _holds(text: str, prefix: "Prefixes", pattern: re.Pattern[str]) -> bool:
+    if isinstance(prefix, str):  # one prefix (no reload changed it): as it always cost
+        marker = prefix + "_"
+        return holds_decoded(text, lambda t: marker in t and pattern.search(t) is not None)
+    return holds_decoded(text, lambda t: marked(t, prefix) and pattern.search(t) is not None)
 
 
 DECODINGS = 3  # percent-decodings a log's masking looks through (a URL encoded three times)
@@ -113,7 +122,7 @@ def holds_decoded(text: str, found: Callable[[str], bool], *, plus_as_space: boo
     return False
 
 
-def mask_query(raw_query: str, prefix: str) -> str:
+def mask_query(raw_query: str, prefix: "Prefixes") -> str:
     """The query with every parameter that holds a key replaced by ``name=***``.
 
     "Holds a key" covers what the pipeline refuses as ``key_in_url``
@@ -130,11 +139,12 @@ def mask_query(raw_query: str, prefix: str) -> str:
     return "".join(parts)
 
 
-def mask_path(path: str, prefix: str) -> str:
+def mask_path(path: str, prefix: "Prefixes") -> str:
     """The path with every key in it replaced by ``***`` (SPEC forwards keys in paths; the log
     never holds one), its checksum verified or not. A key hidden by percent-encoding withholds
     the whole path."""
-    if prefix + "_" not in path and "%" not in path:
+    if "%" not in path and (prefix + "_" not in path if isinstance(prefix, str)
+                            else not marked(path, prefix)):
         return path
     path = _key_like(prefix).sub("***", path)
     if "%" in path and holds_key(path, prefix):
@@ -311,7 +321,7 @@ def _records_lost(records: list[str], lines: int) -> int:
     return gone
 
 
-def mask_target(raw_path: str, prefix: str) -> str:
+def mask_target(raw_path: str, prefix: "Prefixes") -> str:
     """A raw request target (path and query) fit for a log: keys masked in both."""
     path, _, query = raw_path.partition("?")
     path = mask_path(path, prefix)
@@ -408,13 +418,18 @@ class AccessLog:
         self._writing: asyncio.Future | None = None
 
     @property
-    def prefix(self) -> str:
+    def prefix(self) -> "Prefixes":
         return self._prefix
 
     @prefix.setter
-    def prefix(self, prefix: str) -> None:
-        # a reload sets the key prefix: the marker of a path that may hold a key follows it
-        self._prefix, self._marker = prefix, prefix + "_"
+    def prefix(self, prefix: "Prefixes") -> None:
+        # a reload sets the key prefixes (every one used since start): the marker of a path
+        # that may hold a key follows them. Several: "_", which every one ends with (a path
+        # holding it is looked at; masking finds what it holds, if anything)
+        if not isinstance(prefix, str) and len(prefix) == 1:
+            prefix = prefix[0]
+        self._prefix = prefix
+        self._marker = prefix + "_" if isinstance(prefix, str) else "_"
 
     # --- per request --------------------------------------------------------------------------
 

@@ -151,7 +151,8 @@ async def running_gateway(config: Config, store_url: str, *,
         admin_app = create_admin_app(config, store, requests.ready,
                                      authenticate_key=workspace_admin(pipeline),
                                      client_address=pipeline.client_ip,
-                                     throttle=OperatorThrottle(auth))
+                                     throttle=OperatorThrottle(auth),
+                                     key_prefixes=lambda: pipeline.key_prefixes)
         from .admin.listener import READINESS
         readiness = admin_app[READINESS]
         from .observe import add_metrics_route
@@ -188,11 +189,13 @@ async def running_gateway(config: Config, store_url: str, *,
             forwarder.reconfigure(new)
             pipeline.reconfigure(new)
             metrics.upstreams_known(new.upstreams)  # an upstream added: its errors at zero
+            # the logs and spans mask keys of every prefix used since start (the pipeline's
+            # reconfigure added the new one)
             if access is not None:  # on or off, json or text: a restart (it owns a writer)
-                access.prefix = new.keys.prefix
+                access.prefix = pipeline.key_prefixes
             if config.tracing is not None:  # (restart-only: the tracer of the start, still)
                 # the spans mask what the access log masks, of the config now in force
-                pipeline.tracer.mask_path = _span_mask(new.keys.prefix)
+                pipeline.tracer.mask_path = _span_mask(pipeline.key_prefixes)
             logging.getLogger().setLevel(new.server.log_level.upper())
             gw.config = new
 
@@ -315,10 +318,11 @@ def _otel_tracer(config: Config, client_address: Callable):
                       client_address=client_address)
 
 
-def _span_mask(prefix: str) -> Callable[[str], str]:
+def _span_mask(prefix: str | tuple[str, ...]) -> Callable[[str], str]:
     """What the spans' paths, User-Agent and tracestate members are masked with: the access
-    log's masking (keys of ``prefix``). Made anew at each reload (the swap sets it on the
-    tracer): a mask closing over the start's prefix left a reloaded prefix's keys whole."""
+    log's masking (keys of ``prefix``, or of every prefix used since start). Made anew at each
+    reload (the swap sets it on the tracer): a mask closing over the start's prefix left a
+    reloaded prefix's keys whole."""
     from .accesslog import mask_path
     return lambda text: mask_path(text, prefix)
 

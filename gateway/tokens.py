@@ -83,14 +83,31 @@ def parse_token(text: str, prefix: str, environments: tuple[str, ...] | frozense
     return ParsedToken(pfx, env, body[:ID_LEN], body[ID_LEN:ID_LEN + SECRET_LEN])
 
 
-def looks_like_token(text: str, prefix: str) -> bool:
-    """True when ``text`` is shaped like a token of ``prefix`` with a valid checksum, any env.
+def alternation(prefix: str | tuple[str, ...]) -> str:
+    """A regex of ``prefix``, or of any of several prefixes (one alternation)."""
+    if isinstance(prefix, str):
+        return re.escape(prefix)
+    return "(?:%s)" % "|".join(map(re.escape, prefix))
+
+
+def marked(text: str, prefix: str | tuple[str, ...]) -> bool:
+    """Whether ``text`` holds ``<prefix>_`` of the prefix or of any of several: what every
+    key begins with, so text without it (nor an escape to decode) holds none."""
+    if isinstance(prefix, str):
+        return prefix + "_" in text
+    return any(p + "_" in text for p in prefix)
+
+
+def looks_like_token(text: str, prefix: str | tuple[str, ...]) -> bool:
+    """True when ``text`` is shaped like a token of ``prefix`` (or of one of several) with a
+    valid checksum, any env.
 
     Used to refuse and mask keys sent in URLs: a leaked key is a leaked key whatever its env.
     """
     pfx, sep, rest = text.partition("_")
     env, sep2, body = rest.partition("_")
-    if not (sep and sep2) or pfx != prefix or not env or not _BODY_RE.fullmatch(body):
+    if not (sep and sep2) or (pfx != prefix if isinstance(prefix, str) else
+                              pfx not in prefix) or not env or not _BODY_RE.fullmatch(body):
         return False
     return secrets.compare_digest(checksum(text[:-CHECKSUM_LEN]), body[-CHECKSUM_LEN:])
 

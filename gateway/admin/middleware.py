@@ -80,7 +80,7 @@ def operator_token_weakness(token: str) -> str | None:
     return None
 
 
-def loggable_target(raw_path: str, prefix: str, operator_token: str) -> str:
+def loggable_target(raw_path: str, prefix: str | tuple[str, ...], operator_token: str) -> str:
     """A raw admin request target fit for a log: API keys masked (``mask_target``) and so is
     the operator token, which a script may paste into the URL (``?token=...``): where it shows
     as sent it is replaced by ``***``; a path or query that holds it only once percent-decoded
@@ -96,7 +96,7 @@ def loggable_target(raw_path: str, prefix: str, operator_token: str) -> str:
 ADMIN_TARGET_MAX = TARGET_MAX // 2  # the admin line writes its target twice
 
 
-def _masked(raw_path: str, prefix: str, operator_token: str) -> str:
+def _masked(raw_path: str, prefix: str | tuple[str, ...], operator_token: str) -> str:
     target = mask_target(raw_path, prefix)
     token = operator_token.strip()
     if not token:
@@ -268,7 +268,9 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                      authenticate_key: KeyAuthenticator | None = None,
                      client_address: Callable[[web.BaseRequest], str] | None = None,
                      throttle: OperatorThrottle | None = None,
-                     current: Callable[[], Config] | None = None) -> Callable:
+                     current: Callable[[], Config] | None = None,
+                     key_prefixes: Callable[[], str | tuple[str, ...]] | None = None
+                     ) -> Callable:
     """Errors → SPEC's JSON body; anything unexpected → a generic 500 (logged, never shown);
     ``X-Request-Id`` on every response; auth for everything under ``/admin/``: the operator
     token, or (with ``authenticate_key``) a workspace admin key, confined by :func:`confine`;
@@ -277,11 +279,15 @@ def error_middleware(config: Config, *, authenticate: bool = True,
 
     The operator token is read from the environment here, once: changing the variable takes a
     restart (as with every other setting). ``current``: the config in force, which a reload
-    swaps (``config`` without it); the log masks keys of its ``keys.prefix``."""
+    swaps (``config`` without it); the log masks keys of its ``keys.prefix``, or of every
+    prefix ``key_prefixes`` gives (those the gateway has used since start)."""
     expected = os.environ.get(config.admin.token_env, "")
     if current is None:
         def current() -> Config:
             return config
+    if key_prefixes is None:
+        def key_prefixes() -> str | tuple[str, ...]:
+            return current().keys.prefix
 
     @web.middleware
     async def middleware(request: web.Request,
@@ -335,7 +341,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             response = err.response(rid)
         except StoreError as exc:
             log.warning("store unavailable during %s %s (request %s): %s", request.method,
-                        loggable_target(request.raw_path, current().keys.prefix, expected), rid,
+                        loggable_target(request.raw_path, key_prefixes(), expected), rid,
                         exc)
             response = ServiceUnavailable(
                 exc.answer or "The key store is unavailable; nothing was changed or the "
@@ -346,7 +352,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             response = _from_http_exception(exc).response(rid)
         except Exception:
             log.exception("unexpected error in %s %s (request %s)", request.method,
-                          loggable_target(request.raw_path, current().keys.prefix, expected), rid)
+                          loggable_target(request.raw_path, key_prefixes(), expected), rid)
             response = GatewayError("An internal error occurred.").response(rid)
         response.headers["X-Request-Id"] = rid
         if response.status == 413 or held_back and not request.content.is_eof():
@@ -358,7 +364,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             # a new key's token, key listings, usage: no browser, proxy or CDN keeps a copy
             response.headers.setdefault("Cache-Control", "no-store")
             log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
-                           current().keys.prefix,
+                           key_prefixes(),
                            client_address(request) if client_address else request.remote,
                            operator_token=expected)
         if response.status in (408, 501):  # the rest is not worth waiting for, or not ours
@@ -370,7 +376,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
 
 
 def log_admin_call(request: web.Request, status: int, rid: str, actor: str,
-                   elapsed: float, prefix: str, client: str | None,
+                   elapsed: float, prefix: str | tuple[str, ...], client: str | None,
                    operator_token: str = "") -> None:
     """One line per admin API call: who (``operator``, or ``-`` when the token was refused),
     what, the answer, from where (in the message too: a text log has nothing else). Never a
