@@ -196,6 +196,7 @@ async def running_gateway(config: Config, store_url: str, *,
             if config.tracing is not None:  # (restart-only: the tracer of the start, still)
                 # the spans mask what the access log masks, of the config now in force
                 pipeline.tracer.mask_path = _span_mask(pipeline.key_prefixes)
+                pipeline.tracer.upstream_hosts = _upstream_hosts(new)  # forward spans name them
             logging.getLogger().setLevel(new.server.log_level.upper())
             gw.config = new
 
@@ -307,15 +308,21 @@ def workspace_admin(pipeline: Pipeline):
 def _otel_tracer(config: Config, client_address: Callable):
     """The OTLP exporting tracer (the ``keygate[otel]`` extra; the config loader checked it is
     installed)."""
-    from yarl import URL
-
     from .otel import OtelTracer
+    return OtelTracer(config.tracing, _upstream_hosts(config),
+                      mask_path=_span_mask(config.keys.prefix), client_address=client_address)
+
+
+def _upstream_hosts(config: Config) -> dict[str, tuple[str, int]]:
+    """Each upstream's (host, port), which its ``forward`` spans name (``server.address``,
+    ``server.port``): made anew at each reload (the swap gives it to the tracer), as a reload
+    moves, adds or removes upstreams."""
+    from yarl import URL
     hosts = {}
     for name, upstream in config.upstreams.items():
         url = URL(upstream.url)
         hosts[name] = (url.host or "", url.port or 0)
-    return OtelTracer(config.tracing, hosts, mask_path=_span_mask(config.keys.prefix),
-                      client_address=client_address)
+    return hosts
 
 
 def _span_mask(prefix: str | tuple[str, ...]) -> Callable[[str], str]:

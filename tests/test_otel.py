@@ -17,7 +17,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: 
     ExportTraceServiceRequest)
 
 from gateway.config import TracingConfig, load_config  # noqa: E402
-from tests.harness import gateway_under_test, make_config  # noqa: E402
+from tests.harness import gateway_under_test, make_config, serving  # noqa: E402
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -606,3 +606,29 @@ async def test_spans_mask_tokens_of_the_key_prefix_a_reload_set(tmp_path, upstre
             [s["attributes"].get("url.path") for s in receiver.spans]
     paths = [s["attributes"]["url.path"] for s in receiver.spans if "url.path" in s["attributes"]]
     assert paths[-2:] == ["/hooks/***", "/hooks/***"], paths
+
+
+async def test_forward_span_names_the_upstream_a_reload_moved(tmp_path, upstream, receiver,
+                                                               redis_url, monkeypatch):
+    """Regression: the tracer was given the upstreams' addresses once, at start, so after a
+    reload that moved ``api`` to another address every ``forward`` span still named the old
+    one in ``server.address``/``server.port`` (and an upstream a reload added got none)."""
+    async def other(request: web.Request) -> web.Response:
+        return web.json_response({"upstream": "other"})
+
+    path = tmp_path / "keygate.yaml"
+    write_doc(path, reloadable_doc(str(upstream.make_url("")), receiver))
+    async with serving(other) as other_url:
+        async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                      config_path=str(path)) as gw:
+            write_doc(path, reloadable_doc(other_url, receiver))
+            status, body = await gw.admin_json("POST", "/reload")
+            assert status == 200, body
+            async with gw.proxy.get("/hooks/1") as r:
+                assert r.status == 200
+                assert (await r.json()) == {"upstream": "other"}  # the reload took
+    forward = [s for s in receiver.spans if s["name"] == "forward"]
+    assert forward, receiver.spans
+    host, port = other_url.rsplit("/", 1)[-1].rsplit(":", 1)
+    assert forward[-1]["attributes"].get("server.port") == int(port), forward[-1]["attributes"]
+    assert forward[-1]["attributes"].get("server.address") == host, forward[-1]["attributes"]
