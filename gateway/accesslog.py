@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from typing import Callable
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -328,6 +329,41 @@ def mask_target(raw_path: str, prefix: "Prefixes") -> str:
     return f"{path}?{mask_query(query, prefix)}" if query else path
 
 
+def mask_secret(target: str, secret: str) -> str:
+    """``target`` (a request target, its keys masked already; or any text) with ``secret``
+    (the operator token, without blanks around it) masked: where it shows as sent it is
+    replaced by ``***``; a path or query that holds it only once percent-decoded is withheld
+    whole (``/***``, ``***``). A script may paste the operator token into a URL
+    (``?token=...``), to the admin listener or to the proxy one (a port's digit apart): the
+    admin log, the access log and the spans mask it alike.
+
+    Looked for in the whole target first (a token may hold a ``?``), and decoded both ways: a
+    ``+`` is a plus in a path and a space in a query, and a reader decodes either way."""
+    if not secret:
+        return target
+    target = target.replace(secret, "***")
+    if "%" not in target and "+" not in target:  # nothing a decoding could reveal
+        return target
+    if not _holds_secret(target, secret):
+        return target
+    path, sep, query = target.partition("?")
+    path_holds, query_holds = _holds_secret(path, secret), _holds_secret(query, secret)
+    if not (path_holds or query_holds):  # across the '?': neither half is fit to write
+        path_holds = query_holds = True
+    return ("/***" if path_holds else path) + sep + ("***" if query_holds else query)
+
+
+def _holds_secret(text: str, secret: str) -> bool:
+    """Whether ``text`` holds ``secret`` percent-decoded up to three times (``holds_decoded``,
+    as the log looks for keys: a script that encodes a URL twice sends ``%252F`` for ``/``),
+    ``+`` read as a plus or as a space, each escape's bytes read as UTF-8 (a token may be any
+    text)."""
+    def found(decoded: str) -> bool:
+        return secret in decoded
+    return holds_decoded(text, found, plus_as_space=False, decode=unquote) or \
+        holds_decoded(text, found, decode=unquote)
+
+
 TARGET_MAX = 2048  # bytes of a request target a log line holds, as written (JSON-escaped)
 CUT = "...[cut]"   # ends a target cut to TARGET_MAX
 
@@ -403,8 +439,14 @@ class AccessLog:
     sharing one stderr pipe never interleave mid-line."""
 
     def __init__(self, config: Config, *, interval: float = 0.1,
-                 max_buffer: int = 4 * 1024 * 1024, on_drop=None) -> None:
+                 max_buffer: int = 4 * 1024 * 1024, on_drop=None,
+                 operator_token: str = "") -> None:
         self.prefix = config.keys.prefix
+        # masked too (mask_secret): a script may send it to this listener (?token=...). Only
+        # a target with a query or an escape, or long enough to hold it, is looked at: the
+        # usual request's line costs what it did
+        self._secret = operator_token.strip()
+        self._secret_len = len(self._secret) if self._secret else 1 << 62
         self.text = config.server.access_log == "text"
         self.interval, self.max_buffer = interval, max_buffer
         self.on_drop = on_drop
@@ -436,8 +478,12 @@ class AccessLog:
     def write(self, request: web.BaseRequest, response: web.StreamResponse, outcome,
               request_id: str, elapsed: float) -> None:
         path, method = request.raw_path, request.method
-        if "?" in path or "%" in path or self._marker in path:  # else nothing to mask
+        if "?" in path or "%" in path or self._marker in path:  # else no key to mask
             path = mask_target(path, self.prefix)
+            if self._secret:
+                path = mask_secret(path, self._secret)
+        elif len(path) >= self._secret_len and (self._secret in path or "+" in path):
+            path = mask_secret(path, self._secret)  # (a "+": a space, read as a query's)
         if len(path) > _TARGET_SHORT:  # may not fit in a line of one atomic write: cut
             path = cut_target(path, _text_size if self.text else _json_size)
         trace_id = outcome.trace.trace_id if outcome.trace is not None else None  # hex

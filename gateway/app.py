@@ -142,12 +142,16 @@ async def running_gateway(config: Config, store_url: str, *,
         pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
                             self_service=handle_self_service, clock=clock,
                             ledger_retry=ledger_retry)
+        # the operator token, as the admin listener reads it (once: a restart changes it),
+        # masked in the access log and spans too: a script may send it to the proxy port
+        operator_token = os.environ.get(config.admin.token_env, "").strip()
         if config.server.access_log != "off":
-            access = AccessLog(config, on_drop=metrics.access_log_dropped.inc)
+            access = AccessLog(config, on_drop=metrics.access_log_dropped.inc,
+                               operator_token=operator_token)
             await access.start()
             pipeline.access = access.write
         if config.tracing is not None:
-            pipeline.tracer = _otel_tracer(config, pipeline.client_ip)
+            pipeline.tracer = _otel_tracer(config, pipeline.client_ip, operator_token)
         admin_app = create_admin_app(config, store, requests.ready,
                                      authenticate_key=workspace_admin(pipeline),
                                      client_address=pipeline.client_ip,
@@ -195,7 +199,7 @@ async def running_gateway(config: Config, store_url: str, *,
                 access.prefix = pipeline.key_prefixes
             if config.tracing is not None:  # (restart-only: the tracer of the start, still)
                 # the spans mask what the access log masks, of the config now in force
-                pipeline.tracer.mask_path = _span_mask(pipeline.key_prefixes)
+                pipeline.tracer.mask_path = _span_mask(pipeline.key_prefixes, operator_token)
                 pipeline.tracer.upstream_hosts = _upstream_hosts(new)  # forward spans name them
             logging.getLogger().setLevel(new.server.log_level.upper())
             gw.config = new
@@ -305,12 +309,13 @@ def workspace_admin(pipeline: Pipeline):
     return authenticate_key
 
 
-def _otel_tracer(config: Config, client_address: Callable):
+def _otel_tracer(config: Config, client_address: Callable, operator_token: str = ""):
     """The OTLP exporting tracer (the ``keygate[otel]`` extra; the config loader checked it is
     installed)."""
     from .otel import OtelTracer
     return OtelTracer(config.tracing, _upstream_hosts(config),
-                      mask_path=_span_mask(config.keys.prefix), client_address=client_address)
+                      mask_path=_span_mask(config.keys.prefix, operator_token),
+                      client_address=client_address)
 
 
 def _upstream_hosts(config: Config) -> dict[str, tuple[str, int]]:
@@ -325,13 +330,16 @@ def _upstream_hosts(config: Config) -> dict[str, tuple[str, int]]:
     return hosts
 
 
-def _span_mask(prefix: str | tuple[str, ...]) -> Callable[[str], str]:
+def _span_mask(prefix: str | tuple[str, ...], operator_token: str = ""
+               ) -> Callable[[str], str]:
     """What the spans' paths, User-Agent and tracestate members are masked with: the access
-    log's masking (keys of ``prefix``, or of every prefix used since start). Made anew at each
-    reload (the swap sets it on the tracer): a mask closing over the start's prefix left a
-    reloaded prefix's keys whole."""
-    from .accesslog import mask_path
-    return lambda text: mask_path(text, prefix)
+    log's masking (keys of ``prefix``, or of every prefix used since start, and the operator
+    token). Made anew at each reload (the swap sets it on the tracer): a mask closing over the
+    start's prefix left a reloaded prefix's keys whole."""
+    from .accesslog import mask_path, mask_secret
+    if not operator_token:
+        return lambda text: mask_path(text, prefix)
+    return lambda text: mask_secret(mask_path(text, prefix), operator_token)
 
 
 def raise_open_file_limit(config: Config) -> int:

@@ -885,6 +885,33 @@ async def test_the_operator_token_pasted_into_an_admin_url_is_never_logged(
     assert partly not in text
 
 
+async def test_the_operator_token_sent_to_the_proxy_listener_is_never_logged(
+        redis_url, upstream, monkeypatch, capfd):
+    """Regression: the admin log masked the operator token a script pastes into a URL, but the
+    same script pointed at the proxy port (8080 for 8081) had its target written to the access
+    log with the operator token whole (the access log masked API keys only): full control of
+    every workspace for anyone who reads the log most widely shipped. The access log masks it
+    as the admin log does; a target that does not hold it is logged as sent."""
+    from yarl import URL
+    from harness import ADMIN_TOKEN
+    encoded = "".join(f"%{b:02X}" for b in ADMIN_TOKEN.encode())
+    plain = "/people/" + "a" * len(ADMIN_TOKEN)  # long enough to hold it; does not
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        g.logs(capfd)
+        for target, status in ((f"/admin/v1/workspaces?token={ADMIN_TOKEN}", 404),
+                               (f"/people/1?access_token={ADMIN_TOKEN}", 401),
+                               (f"/people/{ADMIN_TOKEN}", 401),
+                               (f"/people/x?t={encoded}", 401),
+                               (plain, 401)):
+            async with g.proxy.get(URL(target, encoded=True)) as r:
+                assert r.status == status, target
+        _, err = g.logs(capfd)
+    paths = [line["path"] for line in json_lines(err)]
+    assert paths == ["/admin/v1/workspaces?token=***", "/people/1?access_token=***",
+                     "/people/***", "/people/x?***", plain], err
+    assert ADMIN_TOKEN not in err and encoded not in err
+
+
 @pytest.mark.parametrize("token, target", [
     # base64 (openssl rand -base64): '+' '/' '='. Go's url.PathEscape escapes '/' and keeps
     # '+' and '=': unquote_plus read the '+' as a space, so the decoded path did not hold it

@@ -270,6 +270,26 @@ async def test_a_token_pasted_into_user_agent_or_tracestate_is_never_exported(
         assert secret.encode() not in blob
 
 
+async def test_the_operator_token_sent_to_the_proxy_listener_is_never_exported(
+        upstream, receiver, redis_url, monkeypatch):
+    """Regression: the spans masked API keys only, so a script sending the operator token to
+    the proxy port in its path or User-Agent had it exported to the collector whole
+    (``url.path``, ``user_agent.original``). The spans mask it as the access log does."""
+    from tests.harness import ADMIN_TOKEN
+    async with gateway_under_test(traced_config(upstream, receiver), redis_url,
+                                  monkeypatch) as gw:
+        async with gw.proxy.get(f"/people/{ADMIN_TOKEN}", headers={
+                "User-Agent": f"ops-script/1 ({ADMIN_TOKEN})",
+                "traceparent": f"00-{TRACE_ID}-{PARENT}-01",
+                "tracestate": f"vendor=abc,op={ADMIN_TOKEN}"}) as r:
+            assert r.status == 401
+    root = [s for s in receiver.spans if s["trace_id"] == TRACE_ID and "url.path" in
+            s["attributes"]][0]
+    assert root["attributes"]["url.path"] == "/people/***"
+    assert root["attributes"]["user_agent.original"] == "ops-script/1 (***)"
+    assert ADMIN_TOKEN.encode() not in b"".join(receiver.raw)
+
+
 async def test_a_collector_that_stays_down_is_logged_once_not_per_batch(
         upstream, redis_url, monkeypatch, caplog):
     """The exporter logged a warning and an error for every batch it could not send: with the

@@ -16,11 +16,10 @@ import re
 import time
 import uuid
 from typing import Awaitable, Callable
-from urllib.parse import unquote
 
 from aiohttp import web
 
-from ..accesslog import TARGET_MAX, cut_target, holds_decoded, mask_target
+from ..accesslog import TARGET_MAX, cut_target, mask_secret, mask_target
 from ..config import Config
 from ..proxying.server import EXPECTATION, answer_and_close, continue_if_expected
 from ..errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
@@ -97,31 +96,7 @@ ADMIN_TARGET_MAX = TARGET_MAX // 2  # the admin line writes its target twice
 
 
 def _masked(raw_path: str, prefix: str | tuple[str, ...], operator_token: str) -> str:
-    target = mask_target(raw_path, prefix)
-    token = operator_token.strip()
-    if not token:
-        return target
-    target = target.replace(token, "***")
-    if "%" not in target and "+" not in target:  # nothing a decoding could reveal
-        return target
-    if not _holds(target, token):
-        return target
-    path, sep, query = target.partition("?")
-    path_holds, query_holds = _holds(path, token), _holds(query, token)
-    if not (path_holds or query_holds):  # across the '?': neither half is fit to write
-        path_holds = query_holds = True
-    return ("/***" if path_holds else path) + sep + ("***" if query_holds else query)
-
-
-def _holds(text: str, token: str) -> bool:
-    """Whether ``text`` holds ``token`` percent-decoded up to three times (``holds_decoded``,
-    as the access log looks for keys: a script that encodes a URL twice sends ``%252F`` for
-    ``/``), ``+`` read as a plus or as a space, each escape's bytes read as UTF-8 (a token
-    may be any text)."""
-    def found(decoded: str) -> bool:
-        return token in decoded
-    return holds_decoded(text, found, plus_as_space=False, decode=unquote) or \
-        holds_decoded(text, found, decode=unquote)
+    return mask_secret(mask_target(raw_path, prefix), operator_token.strip())
 
 
 def request_id_of(request: web.BaseRequest) -> str:
