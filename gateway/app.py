@@ -145,6 +145,7 @@ async def running_gateway(config: Config, store_url: str, *,
         # the operator token, as the admin listener reads it (once: a restart changes it),
         # masked in the access log and spans too: a script may send it to the proxy port
         operator_token = os.environ.get(config.admin.token_env, "").strip()
+        pipeline.operator_token = operator_token  # never adopted as a request id
         if config.server.access_log != "off":
             access = AccessLog(config, on_drop=metrics.access_log_dropped.inc,
                                operator_token=operator_token)

@@ -214,6 +214,9 @@ class Pipeline:
         self._held_keys: dict[str, int] = {}
         self.tunnels = TunnelWatch(self._still_allowed, self._route_now)  # open WebSockets
         self._prefixes_used: list[str] = []  # every keys.prefix since start (key_prefixes)
+        # a client's X-Request-Id holding it is never adopted (logged, echoed, forwarded);
+        # set by running_gateway, as the admin listener reads it
+        self.operator_token = ""
         self.reconfigure(config)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
@@ -776,7 +779,7 @@ class Pipeline:
 
     def _request_id(self, request: web.BaseRequest) -> str:
         rid = request.headers.get(_X_REQUEST_ID)
-        if rid is not None and adoptable_request_id(rid):
+        if rid is not None and adoptable_request_id(rid, self.operator_token):
             return rid
         self._rid_counter += 1
         return f"{self._rid_prefix}{self._rid_counter:012x}"

@@ -117,13 +117,17 @@ _ALNUM_RUN = re.compile(r"[A-Za-z0-9]{32,}")
 _HEX_RUN = re.compile(r"[0-9a-fA-F]+")
 
 
-def adoptable_request_id(value: str | None) -> bool:
+def adoptable_request_id(value: str | None, secret: str = "") -> bool:
     """Whether a client's ``X-Request-Id`` may be adopted (echoed, logged, forwarded).
 
     At most 128 of ``A-Za-z0-9._:-``, and nothing that can hold a key: no run of 32 or more
     letters and digits unless it is hex (a key's secret is 32 base62 characters, and its key id
-    is public; UUIDs, trace ids and hashes are hex). A token itself never passes (``_``)."""
+    is public; UUIDs, trace ids and hashes are hex). A token itself never passes (``_``). Nor
+    does one holding ``secret`` (the operator token: ``token_urlsafe(32)`` without a ``_``
+    passes the shape, its runs between ``-`` short)."""
     if value is None or not _REQUEST_ID.fullmatch(value):
+        return False
+    if secret and secret in value:
         return False
     return all(_HEX_RUN.fullmatch(run) for run in _ALNUM_RUN.findall(value))
 

@@ -912,6 +912,34 @@ async def test_the_operator_token_sent_to_the_proxy_listener_is_never_logged(
     assert ADMIN_TOKEN not in err and encoded not in err
 
 
+async def test_an_operator_token_sent_as_the_request_id_is_never_adopted(
+        redis_url, upstream, monkeypatch, capfd, caplog):
+    """Regression: a client's ``X-Request-Id`` is adopted when it is shaped like a sane id,
+    and an operator token such as ``token_urlsafe(32)`` without a ``_`` is (its runs between
+    ``-`` are short): one sent as the request id was echoed, forwarded upstream and written
+    to the access and admin logs whole. A request id holding the operator token is replaced
+    by a generated one on either listener."""
+    import logging
+    from harness import ADMIN_TOKEN
+    caplog.set_level(logging.INFO, logger="keygate.admin")
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        g.logs(capfd)
+        async with g.proxy.get("/people/1", headers={"X-Request-Id": ADMIN_TOKEN}) as r:
+            assert r.status == 401
+            assert r.headers["X-Request-Id"] != ADMIN_TOKEN
+        async with g.admin.get("/admin/v1/workspaces",
+                               headers={"X-Request-Id": f"job-{ADMIN_TOKEN}"}) as r:
+            assert r.status == 200
+            assert ADMIN_TOKEN not in r.headers["X-Request-Id"]
+        async with g.proxy.get("/people/1", headers={"X-Request-Id": "job-42.a"}) as r:
+            assert r.headers["X-Request-Id"] == "job-42.a"  # a sane one is still adopted
+        _, err = g.logs(capfd)
+    assert len(json_lines(err)) == 2, err
+    assert ADMIN_TOKEN not in err
+    assert ADMIN_TOKEN not in caplog.text + "".join(
+        str(r.__dict__) for r in caplog.records if r.name == "keygate.admin")
+
+
 @pytest.mark.parametrize("token, target", [
     # base64 (openssl rand -base64): '+' '/' '='. Go's url.PathEscape escapes '/' and keeps
     # '+' and '=': unquote_plus read the '+' as a space, so the decoded path did not hold it

@@ -99,10 +99,11 @@ def _masked(raw_path: str, prefix: str | tuple[str, ...], operator_token: str) -
     return mask_secret(mask_target(raw_path, prefix), operator_token.strip())
 
 
-def request_id_of(request: web.BaseRequest) -> str:
-    """The client's ``X-Request-Id`` when it is a sane token, else a fresh one."""
+def request_id_of(request: web.BaseRequest, operator_token: str = "") -> str:
+    """The client's ``X-Request-Id`` when it is a sane token (never one holding the operator
+    token), else a fresh one."""
     rid = request.headers.get("X-Request-Id")
-    if adoptable_request_id(rid):
+    if adoptable_request_id(rid, operator_token.strip()):
         return rid
     return uuid.uuid4().hex
 
@@ -268,7 +269,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
     async def middleware(request: web.Request,
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
-        rid = request_id_of(request)
+        rid = request_id_of(request, expected)
         started, actor = time.perf_counter(), "-"
         # a client that waits for 100 Continue before it sends its body (AdminRunner leaves
         # that answer to this middleware: it is sent once the caller is admitted). Any
