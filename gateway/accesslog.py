@@ -19,18 +19,26 @@ import sys
 import threading
 import time
 from typing import Callable
+from urllib.parse import unquote
 
 from aiohttp import web
 
 from .config import Config
 from .percent import unquote_latin1
-from .tokens import ID_LEN, SECRET_LEN
+from .tokens import ID_LEN, SECRET_LEN, alternation as _alternation, marked
 
 _SEPARATORS = re.compile(r"([&;])")
-_KEY_LIKE: dict[str, re.Pattern[str]] = {}
+_KEY_LIKE: dict["Prefixes", re.Pattern[str]] = {}
+
+Prefixes = "str | tuple[str, ...]"
+"""The key prefixes a log masks: one (``keys.prefix``, as long as no reload changed it), or
+every one this process has used since it started (``Pipeline.key_prefixes``): a key of a
+prefix a reload replaced still opens its key (under the new prefix, its checksum recomputed;
+on a replica not yet reloaded, as it is). The functions below take either; one prefix costs
+what it always did, several are one regex alternation."""
 
 
-def _key_like(prefix: str) -> re.Pattern[str]:
+def _key_like(prefix: "Prefixes") -> re.Pattern[str]:
     """``<prefix>_<env>_`` then a key id and any of a secret (and as much of a checksum as
     follows): a key whether its checksum verifies or not. One mistyped in its checksum still
     holds the secret whole, and the checksum is computed from the rest; one cut short holds
@@ -39,12 +47,12 @@ def _key_like(prefix: str) -> re.Pattern[str]:
     pattern = _KEY_LIKE.get(prefix)
     if pattern is None:
         pattern = _KEY_LIKE[prefix] = re.compile(
-            r"%s_[0-9A-Za-z-]+_[0-9A-Za-z]{%d,%d}" % (re.escape(prefix), ID_LEN + 1,
+            r"%s_[0-9A-Za-z-]+_[0-9A-Za-z]{%d,%d}" % (_alternation(prefix), ID_LEN + 1,
                                                      ID_LEN + SECRET_LEN + 6))
     return pattern
 
 
-def holds_key(text: str, prefix: str) -> bool:
+def holds_key(text: str, prefix: "Prefixes") -> bool:
     """Whether ``text`` (a query, a part of one, a path) holds a key as ``_key_like`` reads one,
     percent-decoded (``+`` as space) up to three times, as the pipeline's ``key_in_url`` check
     (:func:`gateway.routes.query_has_token`) decodes: every query it refuses is masked too.
@@ -83,9 +91,11 @@ def holds_token(text: str, prefix: str, environments: tuple[str, ...]) -> bool:
     return _holds(text, prefix, _token_like(prefix, environments))
 
 
-def _holds(text: str, prefix: str, pattern: re.Pattern[str]) -> bool:
-    marker = prefix + "_"
-    return holds_decoded(text, lambda t: marker in t and pattern.search(t) is not None)
+def _holds(text: str, prefix: "Prefixes", pattern: re.Pattern[str]) -> bool:
+    if isinstance(prefix, str):  # one prefix (no reload changed it): as it always cost
+        marker = prefix + "_"
+        return holds_decoded(text, lambda t: marker in t and pattern.search(t) is not None)
+    return holds_decoded(text, lambda t: marked(t, prefix) and pattern.search(t) is not None)
 
 
 DECODINGS = 3  # percent-decodings a log's masking looks through (a URL encoded three times)
@@ -113,7 +123,7 @@ def holds_decoded(text: str, found: Callable[[str], bool], *, plus_as_space: boo
     return False
 
 
-def mask_query(raw_query: str, prefix: str) -> str:
+def mask_query(raw_query: str, prefix: "Prefixes") -> str:
     """The query with every parameter that holds a key replaced by ``name=***``.
 
     "Holds a key" covers what the pipeline refuses as ``key_in_url``
@@ -130,11 +140,12 @@ def mask_query(raw_query: str, prefix: str) -> str:
     return "".join(parts)
 
 
-def mask_path(path: str, prefix: str) -> str:
+def mask_path(path: str, prefix: "Prefixes") -> str:
     """The path with every key in it replaced by ``***`` (SPEC forwards keys in paths; the log
     never holds one), its checksum verified or not. A key hidden by percent-encoding withholds
     the whole path."""
-    if prefix + "_" not in path and "%" not in path:
+    if "%" not in path and (prefix + "_" not in path if isinstance(prefix, str)
+                            else not marked(path, prefix)):
         return path
     path = _key_like(prefix).sub("***", path)
     if "%" in path and holds_key(path, prefix):
@@ -311,11 +322,46 @@ def _records_lost(records: list[str], lines: int) -> int:
     return gone
 
 
-def mask_target(raw_path: str, prefix: str) -> str:
+def mask_target(raw_path: str, prefix: "Prefixes") -> str:
     """A raw request target (path and query) fit for a log: keys masked in both."""
     path, _, query = raw_path.partition("?")
     path = mask_path(path, prefix)
     return f"{path}?{mask_query(query, prefix)}" if query else path
+
+
+def mask_secret(target: str, secret: str) -> str:
+    """``target`` (a request target, its keys masked already; or any text) with ``secret``
+    (the operator token, without blanks around it) masked: where it shows as sent it is
+    replaced by ``***``; a path or query that holds it only once percent-decoded is withheld
+    whole (``/***``, ``***``). A script may paste the operator token into a URL
+    (``?token=...``), to the admin listener or to the proxy one (a port's digit apart): the
+    admin log, the access log and the spans mask it alike.
+
+    Looked for in the whole target first (a token may hold a ``?``), and decoded both ways: a
+    ``+`` is a plus in a path and a space in a query, and a reader decodes either way."""
+    if not secret:
+        return target
+    target = target.replace(secret, "***")
+    if "%" not in target and "+" not in target:  # nothing a decoding could reveal
+        return target
+    if not _holds_secret(target, secret):
+        return target
+    path, sep, query = target.partition("?")
+    path_holds, query_holds = _holds_secret(path, secret), _holds_secret(query, secret)
+    if not (path_holds or query_holds):  # across the '?': neither half is fit to write
+        path_holds = query_holds = True
+    return ("/***" if path_holds else path) + sep + ("***" if query_holds else query)
+
+
+def _holds_secret(text: str, secret: str) -> bool:
+    """Whether ``text`` holds ``secret`` percent-decoded up to three times (``holds_decoded``,
+    as the log looks for keys: a script that encodes a URL twice sends ``%252F`` for ``/``),
+    ``+`` read as a plus or as a space, each escape's bytes read as UTF-8 (a token may be any
+    text)."""
+    def found(decoded: str) -> bool:
+        return secret in decoded
+    return holds_decoded(text, found, plus_as_space=False, decode=unquote) or \
+        holds_decoded(text, found, decode=unquote)
 
 
 TARGET_MAX = 2048  # bytes of a request target a log line holds, as written (JSON-escaped)
@@ -393,8 +439,14 @@ class AccessLog:
     sharing one stderr pipe never interleave mid-line."""
 
     def __init__(self, config: Config, *, interval: float = 0.1,
-                 max_buffer: int = 4 * 1024 * 1024, on_drop=None) -> None:
+                 max_buffer: int = 4 * 1024 * 1024, on_drop=None,
+                 operator_token: str = "") -> None:
         self.prefix = config.keys.prefix
+        # masked too (mask_secret): a script may send it to this listener (?token=...). Only
+        # a target with a query or an escape, or long enough to hold it, is looked at: the
+        # usual request's line costs what it did
+        self._secret = operator_token.strip()
+        self._secret_len = len(self._secret) if self._secret else 1 << 62
         self.text = config.server.access_log == "text"
         self.interval, self.max_buffer = interval, max_buffer
         self.on_drop = on_drop
@@ -408,21 +460,30 @@ class AccessLog:
         self._writing: asyncio.Future | None = None
 
     @property
-    def prefix(self) -> str:
+    def prefix(self) -> "Prefixes":
         return self._prefix
 
     @prefix.setter
-    def prefix(self, prefix: str) -> None:
-        # a reload sets the key prefix: the marker of a path that may hold a key follows it
-        self._prefix, self._marker = prefix, prefix + "_"
+    def prefix(self, prefix: "Prefixes") -> None:
+        # a reload sets the key prefixes (every one used since start): the marker of a path
+        # that may hold a key follows them. Several: "_", which every one ends with (a path
+        # holding it is looked at; masking finds what it holds, if anything)
+        if not isinstance(prefix, str) and len(prefix) == 1:
+            prefix = prefix[0]
+        self._prefix = prefix
+        self._marker = prefix + "_" if isinstance(prefix, str) else "_"
 
     # --- per request --------------------------------------------------------------------------
 
     def write(self, request: web.BaseRequest, response: web.StreamResponse, outcome,
               request_id: str, elapsed: float) -> None:
         path, method = request.raw_path, request.method
-        if "?" in path or "%" in path or self._marker in path:  # else nothing to mask
+        if "?" in path or "%" in path or self._marker in path:  # else no key to mask
             path = mask_target(path, self.prefix)
+            if self._secret:
+                path = mask_secret(path, self._secret)
+        elif len(path) >= self._secret_len and (self._secret in path or "+" in path):
+            path = mask_secret(path, self._secret)  # (a "+": a space, read as a query's)
         if len(path) > _TARGET_SHORT:  # may not fit in a line of one atomic write: cut
             path = cut_target(path, _text_size if self.text else _json_size)
         trace_id = outcome.trace.trace_id if outcome.trace is not None else None  # hex

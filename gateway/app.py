@@ -142,16 +142,22 @@ async def running_gateway(config: Config, store_url: str, *,
         pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
                             self_service=handle_self_service, clock=clock,
                             ledger_retry=ledger_retry)
+        # the operator token, as the admin listener reads it (once: a restart changes it),
+        # masked in the access log and spans too: a script may send it to the proxy port
+        operator_token = os.environ.get(config.admin.token_env, "").strip()
+        pipeline.operator_token = operator_token  # never adopted as a request id
         if config.server.access_log != "off":
-            access = AccessLog(config, on_drop=metrics.access_log_dropped.inc)
+            access = AccessLog(config, on_drop=metrics.access_log_dropped.inc,
+                               operator_token=operator_token)
             await access.start()
             pipeline.access = access.write
         if config.tracing is not None:
-            pipeline.tracer = _otel_tracer(config, pipeline.client_ip)
+            pipeline.tracer = _otel_tracer(config, pipeline.client_ip, operator_token)
         admin_app = create_admin_app(config, store, requests.ready,
                                      authenticate_key=workspace_admin(pipeline),
                                      client_address=pipeline.client_ip,
-                                     throttle=OperatorThrottle(auth))
+                                     throttle=OperatorThrottle(auth),
+                                     key_prefixes=lambda: pipeline.key_prefixes)
         from .admin.listener import READINESS
         readiness = admin_app[READINESS]
         from .observe import add_metrics_route
@@ -188,8 +194,14 @@ async def running_gateway(config: Config, store_url: str, *,
             forwarder.reconfigure(new)
             pipeline.reconfigure(new)
             metrics.upstreams_known(new.upstreams)  # an upstream added: its errors at zero
+            # the logs and spans mask keys of every prefix used since start (the pipeline's
+            # reconfigure added the new one)
             if access is not None:  # on or off, json or text: a restart (it owns a writer)
-                access.prefix = new.keys.prefix
+                access.prefix = pipeline.key_prefixes
+            if config.tracing is not None:  # (restart-only: the tracer of the start, still)
+                # the spans mask what the access log masks, of the config now in force
+                pipeline.tracer.mask_path = _span_mask(pipeline.key_prefixes, operator_token)
+                pipeline.tracer.upstream_hosts = _upstream_hosts(new)  # forward spans name them
             logging.getLogger().setLevel(new.server.log_level.upper())
             gw.config = new
 
@@ -298,20 +310,37 @@ def workspace_admin(pipeline: Pipeline):
     return authenticate_key
 
 
-def _otel_tracer(config: Config, client_address: Callable):
+def _otel_tracer(config: Config, client_address: Callable, operator_token: str = ""):
     """The OTLP exporting tracer (the ``keygate[otel]`` extra; the config loader checked it is
     installed)."""
-    from yarl import URL
-
-    from .accesslog import mask_path
     from .otel import OtelTracer
+    return OtelTracer(config.tracing, _upstream_hosts(config),
+                      mask_path=_span_mask(config.keys.prefix, operator_token),
+                      client_address=client_address)
+
+
+def _upstream_hosts(config: Config) -> dict[str, tuple[str, int]]:
+    """Each upstream's (host, port), which its ``forward`` spans name (``server.address``,
+    ``server.port``): made anew at each reload (the swap gives it to the tracer), as a reload
+    moves, adds or removes upstreams."""
+    from yarl import URL
     hosts = {}
     for name, upstream in config.upstreams.items():
         url = URL(upstream.url)
         hosts[name] = (url.host or "", url.port or 0)
-    prefix = config.keys.prefix
-    return OtelTracer(config.tracing, hosts, mask_path=lambda path: mask_path(path, prefix),
-                      client_address=client_address)
+    return hosts
+
+
+def _span_mask(prefix: str | tuple[str, ...], operator_token: str = ""
+               ) -> Callable[[str], str]:
+    """What the spans' paths, User-Agent and tracestate members are masked with: the access
+    log's masking (keys of ``prefix``, or of every prefix used since start, and the operator
+    token). Made anew at each reload (the swap sets it on the tracer): a mask closing over the
+    start's prefix left a reloaded prefix's keys whole."""
+    from .accesslog import mask_path, mask_secret
+    if not operator_token:
+        return lambda text: mask_path(text, prefix)
+    return lambda text: mask_secret(mask_path(text, prefix), operator_token)
 
 
 def raise_open_file_limit(config: Config) -> int:

@@ -213,6 +213,10 @@ class Pipeline:
         self._held_workspaces: dict[str, int] = {}
         self._held_keys: dict[str, int] = {}
         self.tunnels = TunnelWatch(self._still_allowed, self._route_now)  # open WebSockets
+        self._prefixes_used: list[str] = []  # every keys.prefix since start (key_prefixes)
+        # a client's X-Request-Id holding it is never adopted (logged, echoed, forwarded);
+        # set by running_gateway, as the admin listener reads it
+        self.operator_token = ""
         self.reconfigure(config)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
@@ -233,7 +237,17 @@ class Pipeline:
         self.routes = RouteTable(config.routes)
         self.fail_open = config.store.on_store_error == "open"
         self.tunnels.recheck_every(config.server.websocket_recheck)
-        self._prefix = config.keys.prefix
+        # Every key prefix this process has used, since start and across reloads: a key of a
+        # prefix a reload replaced is still a secret (the same id and secret under the new
+        # prefix, its checksum recomputed, open the key; a replica not yet reloaded takes it
+        # as is). The query refuses it (key_in_url) and the logs and spans mask it. Bounded
+        # by the prefixes an operator has written in the config; one (no reload changed it):
+        # the prefix itself, which costs what it always did.
+        if config.keys.prefix not in self._prefixes_used:
+            self._prefixes_used.append(config.keys.prefix)
+        used = self._prefixes_used
+        self.key_prefixes: str | tuple[str, ...] = used[0] if len(used) == 1 else tuple(used)
+        self._prefix = self.key_prefixes
         self._key_headers = tuple(istr(h) for h in dict.fromkeys(  # istr: no case-folding
             h.lower() for h in config.keys.headers if h.lower() != "authorization"))  # per call
         self.trusted = TrustedProxies(config.server.trusted_proxies)
@@ -765,7 +779,7 @@ class Pipeline:
 
     def _request_id(self, request: web.BaseRequest) -> str:
         rid = request.headers.get(_X_REQUEST_ID)
-        if rid is not None and adoptable_request_id(rid):
+        if rid is not None and adoptable_request_id(rid, self.operator_token):
             return rid
         self._rid_counter += 1
         return f"{self._rid_prefix}{self._rid_counter:012x}"

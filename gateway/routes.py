@@ -68,7 +68,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes
 from .errors import BadRequest, NotFound, shown
 from .models import HTTP_METHODS, RESERVED_PATH, Route
 from .percent import unquote_latin1
-from .tokens import BODY_LEN, looks_like_token
+from .tokens import BODY_LEN, alternation as _alternation, looks_like_token, marked
 
 MAX_PATH_BYTES = 2048
 
@@ -315,24 +315,26 @@ def _diagnose(path: str) -> str:
 
 # --- keys in the query string --------------------------------------------------------------------
 
-_TOKEN_RES: dict[str, re.Pattern[str]] = {}
+_TOKEN_RES: dict[str | tuple[str, ...], re.Pattern[str]] = {}
 
 
-def _token_re(prefix: str) -> re.Pattern[str]:
+def _token_re(prefix: str | tuple[str, ...]) -> re.Pattern[str]:
     pattern = _TOKEN_RES.get(prefix)
     if pattern is None:
-        pattern = re.compile(r"%s_[0-9A-Za-z-]+_[0-9A-Za-z]{%d}" % (re.escape(prefix), BODY_LEN))
+        pattern = re.compile(r"%s_[0-9A-Za-z-]+_[0-9A-Za-z]{%d}" % (_alternation(prefix),
+                                                                   BODY_LEN))
         _TOKEN_RES[prefix] = pattern
     return pattern
 
 
-def query_has_token(raw_query: str, prefix: str) -> bool:
+def query_has_token(raw_query: str, prefix: str | tuple[str, ...]) -> bool:
     """True when any query parameter name or value holds a keygate token (valid checksum).
 
     Looks at the percent-decoded query (``+`` as space), decoded up to three times so that
     double encoding does not hide a key, and finds tokens anywhere in it: bare, as
     ``Bearer <token>``, or inside a larger value. Any environment counts — a key in a URL has
-    leaked whatever its environment."""
+    leaked whatever its environment. ``prefix``: one, or several (every prefix this process
+    has used, ``Pipeline.key_prefixes``: a key of a prefix a reload replaced has leaked too)."""
     if not raw_query:
         return False
     text = raw_query
@@ -343,7 +345,7 @@ def query_has_token(raw_query: str, prefix: str) -> bool:
             text = text.replace("+", " ")
         if "%" in text:
             text = unquote_latin1(text)  # (urllib's raises per '%' without hex digits)
-        if prefix + "_" in text:
+        if marked(text, prefix):
             for m in pattern.finditer(text):
                 if looks_like_token(m.group(0), prefix):
                     return True

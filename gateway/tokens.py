@@ -83,14 +83,31 @@ def parse_token(text: str, prefix: str, environments: tuple[str, ...] | frozense
     return ParsedToken(pfx, env, body[:ID_LEN], body[ID_LEN:ID_LEN + SECRET_LEN])
 
 
-def looks_like_token(text: str, prefix: str) -> bool:
-    """True when ``text`` is shaped like a token of ``prefix`` with a valid checksum, any env.
+def alternation(prefix: str | tuple[str, ...]) -> str:
+    """A regex of ``prefix``, or of any of several prefixes (one alternation)."""
+    if isinstance(prefix, str):
+        return re.escape(prefix)
+    return "(?:%s)" % "|".join(map(re.escape, prefix))
+
+
+def marked(text: str, prefix: str | tuple[str, ...]) -> bool:
+    """Whether ``text`` holds ``<prefix>_`` of the prefix or of any of several: what every
+    key begins with, so text without it (nor an escape to decode) holds none."""
+    if isinstance(prefix, str):
+        return prefix + "_" in text
+    return any(p + "_" in text for p in prefix)
+
+
+def looks_like_token(text: str, prefix: str | tuple[str, ...]) -> bool:
+    """True when ``text`` is shaped like a token of ``prefix`` (or of one of several) with a
+    valid checksum, any env.
 
     Used to refuse and mask keys sent in URLs: a leaked key is a leaked key whatever its env.
     """
     pfx, sep, rest = text.partition("_")
     env, sep2, body = rest.partition("_")
-    if not (sep and sep2) or pfx != prefix or not env or not _BODY_RE.fullmatch(body):
+    if not (sep and sep2) or (pfx != prefix if isinstance(prefix, str) else
+                              pfx not in prefix) or not env or not _BODY_RE.fullmatch(body):
         return False
     return secrets.compare_digest(checksum(text[:-CHECKSUM_LEN]), body[-CHECKSUM_LEN:])
 
@@ -100,13 +117,17 @@ _ALNUM_RUN = re.compile(r"[A-Za-z0-9]{32,}")
 _HEX_RUN = re.compile(r"[0-9a-fA-F]+")
 
 
-def adoptable_request_id(value: str | None) -> bool:
+def adoptable_request_id(value: str | None, secret: str = "") -> bool:
     """Whether a client's ``X-Request-Id`` may be adopted (echoed, logged, forwarded).
 
     At most 128 of ``A-Za-z0-9._:-``, and nothing that can hold a key: no run of 32 or more
     letters and digits unless it is hex (a key's secret is 32 base62 characters, and its key id
-    is public; UUIDs, trace ids and hashes are hex). A token itself never passes (``_``)."""
+    is public; UUIDs, trace ids and hashes are hex). A token itself never passes (``_``). Nor
+    does one holding ``secret`` (the operator token: ``token_urlsafe(32)`` without a ``_``
+    passes the shape, its runs between ``-`` short)."""
     if value is None or not _REQUEST_ID.fullmatch(value):
+        return False
+    if secret and secret in value:
         return False
     return all(_HEX_RUN.fullmatch(run) for run in _ALNUM_RUN.findall(value))
 

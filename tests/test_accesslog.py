@@ -885,6 +885,61 @@ async def test_the_operator_token_pasted_into_an_admin_url_is_never_logged(
     assert partly not in text
 
 
+async def test_the_operator_token_sent_to_the_proxy_listener_is_never_logged(
+        redis_url, upstream, monkeypatch, capfd):
+    """Regression: the admin log masked the operator token a script pastes into a URL, but the
+    same script pointed at the proxy port (8080 for 8081) had its target written to the access
+    log with the operator token whole (the access log masked API keys only): full control of
+    every workspace for anyone who reads the log most widely shipped. The access log masks it
+    as the admin log does; a target that does not hold it is logged as sent."""
+    from yarl import URL
+    from harness import ADMIN_TOKEN
+    encoded = "".join(f"%{b:02X}" for b in ADMIN_TOKEN.encode())
+    plain = "/people/" + "a" * len(ADMIN_TOKEN)  # long enough to hold it; does not
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        g.logs(capfd)
+        for target, status in ((f"/admin/v1/workspaces?token={ADMIN_TOKEN}", 404),
+                               (f"/people/1?access_token={ADMIN_TOKEN}", 401),
+                               (f"/people/{ADMIN_TOKEN}", 401),
+                               (f"/people/x?t={encoded}", 401),
+                               (plain, 401)):
+            async with g.proxy.get(URL(target, encoded=True)) as r:
+                assert r.status == status, target
+        _, err = g.logs(capfd)
+    paths = [line["path"] for line in json_lines(err)]
+    assert paths == ["/admin/v1/workspaces?token=***", "/people/1?access_token=***",
+                     "/people/***", "/people/x?***", plain], err
+    assert ADMIN_TOKEN not in err and encoded not in err
+
+
+async def test_an_operator_token_sent_as_the_request_id_is_never_adopted(
+        redis_url, upstream, monkeypatch, capfd, caplog):
+    """Regression: a client's ``X-Request-Id`` is adopted when it is shaped like a sane id,
+    and an operator token such as ``token_urlsafe(32)`` without a ``_`` is (its runs between
+    ``-`` are short): one sent as the request id was echoed, forwarded upstream and written
+    to the access and admin logs whole. A request id holding the operator token is replaced
+    by a generated one on either listener."""
+    import logging
+    from harness import ADMIN_TOKEN
+    caplog.set_level(logging.INFO, logger="keygate.admin")
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        g.logs(capfd)
+        async with g.proxy.get("/people/1", headers={"X-Request-Id": ADMIN_TOKEN}) as r:
+            assert r.status == 401
+            assert r.headers["X-Request-Id"] != ADMIN_TOKEN
+        async with g.admin.get("/admin/v1/workspaces",
+                               headers={"X-Request-Id": f"job-{ADMIN_TOKEN}"}) as r:
+            assert r.status == 200
+            assert ADMIN_TOKEN not in r.headers["X-Request-Id"]
+        async with g.proxy.get("/people/1", headers={"X-Request-Id": "job-42.a"}) as r:
+            assert r.headers["X-Request-Id"] == "job-42.a"  # a sane one is still adopted
+        _, err = g.logs(capfd)
+    assert len(json_lines(err)) == 2, err
+    assert ADMIN_TOKEN not in err
+    assert ADMIN_TOKEN not in caplog.text + "".join(
+        str(r.__dict__) for r in caplog.records if r.name == "keygate.admin")
+
+
 @pytest.mark.parametrize("token, target", [
     # base64 (openssl rand -base64): '+' '/' '='. Go's url.PathEscape escapes '/' and keeps
     # '+' and '=': unquote_plus read the '+' as a space, so the decoded path did not hold it

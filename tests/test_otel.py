@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gzip
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 
 pytest.importorskip("opentelemetry.sdk")
@@ -13,8 +16,8 @@ pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
     ExportTraceServiceRequest)
 
-from gateway.config import TracingConfig  # noqa: E402
-from tests.harness import gateway_under_test, make_config  # noqa: E402
+from gateway.config import TracingConfig, load_config  # noqa: E402
+from tests.harness import gateway_under_test, make_config, serving  # noqa: E402
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -265,6 +268,26 @@ async def test_a_token_pasted_into_user_agent_or_tracestate_is_never_exported(
     assert b"vendor=abc" in blob or b"abc" in blob  # the rest of the trace state is kept
     for secret in (token, token.split("_")[-1][12:44]):
         assert secret.encode() not in blob
+
+
+async def test_the_operator_token_sent_to_the_proxy_listener_is_never_exported(
+        upstream, receiver, redis_url, monkeypatch):
+    """Regression: the spans masked API keys only, so a script sending the operator token to
+    the proxy port in its path or User-Agent had it exported to the collector whole
+    (``url.path``, ``user_agent.original``). The spans mask it as the access log does."""
+    from tests.harness import ADMIN_TOKEN
+    async with gateway_under_test(traced_config(upstream, receiver), redis_url,
+                                  monkeypatch) as gw:
+        async with gw.proxy.get(f"/people/{ADMIN_TOKEN}", headers={
+                "User-Agent": f"ops-script/1 ({ADMIN_TOKEN})",
+                "traceparent": f"00-{TRACE_ID}-{PARENT}-01",
+                "tracestate": f"vendor=abc,op={ADMIN_TOKEN}"}) as r:
+            assert r.status == 401
+    root = [s for s in receiver.spans if s["trace_id"] == TRACE_ID and "url.path" in
+            s["attributes"]][0]
+    assert root["attributes"]["url.path"] == "/people/***"
+    assert root["attributes"]["user_agent.original"] == "ops-script/1 (***)"
+    assert ADMIN_TOKEN.encode() not in b"".join(receiver.raw)
 
 
 async def test_a_collector_that_stays_down_is_logged_once_not_per_batch(
@@ -547,3 +570,85 @@ def test_the_traces_path_is_added_to_a_bare_endpoint_only():
     assert traces_url("http://c:4318?tenant=a") == "http://c:4318/v1/traces?tenant=a"
     assert traces_url("http://c:4318/?tenant=a#x") == "http://c:4318/v1/traces?tenant=a#x"
     assert traces_url("http://c:4318/otlp/v1/traces?t=1") == "http://c:4318/otlp/v1/traces?t=1"
+
+
+# --- across a reload --------------------------------------------------------------------------
+
+def reloadable_doc(upstream_url: str, receiver, **changes: Any) -> dict[str, Any]:
+    """A config file's content, traced to ``receiver``, with a public route (``/hooks/**``)."""
+    doc = {
+        "server": {"host": "127.0.0.1", "port": 18080},
+        "admin": {"host": "127.0.0.1", "port": 18081},
+        "keys": {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
+        "plans": {"starter": {"monthly_requests": 1000, "max_keys": 5}},
+        "default_plan": "starter",
+        "upstreams": {"api": {"url": upstream_url, "timeout": 5}},
+        "routes": [{"path": "/hooks/**", "methods": ["GET"], "upstream": "api",
+                    "public": True}],
+        "tracing": {"otlp_endpoint": str(receiver.make_url("")), "service_name": "gw"},
+    }
+    doc.update(changes)
+    return doc
+
+
+def write_doc(path: Path, doc: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(doc))
+
+
+async def test_spans_mask_tokens_of_the_key_prefix_a_reload_set(tmp_path, upstream, receiver,
+                                                                redis_url, monkeypatch):
+    """Regression: the tracer's mask closed over the key prefix read at start, so after a
+    reload to ``keys.prefix: xy`` every ``xy_live_...`` token in a path or the User-Agent was
+    exported whole (``url.path``, ``user_agent.original``). The spans mask as the access log
+    does, with the config in force."""
+    path = tmp_path / "keygate.yaml"
+    url = str(upstream.make_url(""))
+    write_doc(path, reloadable_doc(url, receiver))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as gw:
+        await gw.workspace("acme")
+        old, _ = await gw.key("acme")
+        write_doc(path, reloadable_doc(url, receiver, keys={
+            "prefix": "xy", "argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}}))
+        status, body = await gw.admin_json("POST", "/reload")
+        assert status == 200, body
+        token, _ = await gw.key("acme")
+        assert token.startswith("xy_live_")
+        async with gw.proxy.get(f"/hooks/{token}",
+                                headers={"User-Agent": f"sync/1 ({token})"}) as r:
+            assert r.status == 200
+        async with gw.proxy.get(f"/hooks/{old}") as r:  # the prefix the reload replaced
+            assert r.status == 200
+    assert receiver.spans, "no span was exported"
+    for sent in (token, old):
+        secret = sent.rsplit("_", 1)[1][12:44]
+        assert secret.encode() not in b"".join(receiver.raw), \
+            [s["attributes"].get("url.path") for s in receiver.spans]
+    paths = [s["attributes"]["url.path"] for s in receiver.spans if "url.path" in s["attributes"]]
+    assert paths[-2:] == ["/hooks/***", "/hooks/***"], paths
+
+
+async def test_forward_span_names_the_upstream_a_reload_moved(tmp_path, upstream, receiver,
+                                                               redis_url, monkeypatch):
+    """Regression: the tracer was given the upstreams' addresses once, at start, so after a
+    reload that moved ``api`` to another address every ``forward`` span still named the old
+    one in ``server.address``/``server.port`` (and an upstream a reload added got none)."""
+    async def other(request: web.Request) -> web.Response:
+        return web.json_response({"upstream": "other"})
+
+    path = tmp_path / "keygate.yaml"
+    write_doc(path, reloadable_doc(str(upstream.make_url("")), receiver))
+    async with serving(other) as other_url:
+        async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                      config_path=str(path)) as gw:
+            write_doc(path, reloadable_doc(other_url, receiver))
+            status, body = await gw.admin_json("POST", "/reload")
+            assert status == 200, body
+            async with gw.proxy.get("/hooks/1") as r:
+                assert r.status == 200
+                assert (await r.json()) == {"upstream": "other"}  # the reload took
+    forward = [s for s in receiver.spans if s["name"] == "forward"]
+    assert forward, receiver.spans
+    host, port = other_url.rsplit("/", 1)[-1].rsplit(":", 1)
+    assert forward[-1]["attributes"].get("server.port") == int(port), forward[-1]["attributes"]
+    assert forward[-1]["attributes"].get("server.address") == host, forward[-1]["attributes"]

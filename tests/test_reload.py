@@ -19,6 +19,7 @@ import yaml
 from aiohttp import ClientSession, TCPConnector, web
 
 from gateway.config import load_config
+from gateway.tokens import checksum
 from prometheus_client.parser import text_string_to_metric_families
 from harness import bearer, eventually, gateway_under_test, get_all, refusal_times, serving
 from served import ADMIN_TOKEN, TIMEOUT, Served, admin_json, children_of, new_key, write_config
@@ -2216,3 +2217,58 @@ async def test_requests_held_past_the_retired_pools_close_stay_within_the_old_up
             assert peak <= 2, (peak, accepted)
     finally:
         server.close()
+
+
+def _with_prefix(token: str, prefix: str) -> str:
+    """The same key's token under another ``keys.prefix``: the same id and secret, the
+    checksum recomputed (anyone holding the old token can do this)."""
+    _, env, body = token.split("_")
+    head = f"{prefix}_{env}_{body[:44]}"
+    return head + checksum(head)
+
+
+async def test_tokens_of_the_prefix_a_reload_replaced_are_refused_in_a_query_and_never_logged(
+        tmp_path, upstream, redis_url, monkeypatch, capfd, caplog):
+    """Regression: after a reload from ``keys.prefix: kg`` to ``xy``, the access log masked
+    only ``xy`` keys, and ``key_in_url`` refused only them. But an old token is still a
+    secret: its id and secret under the new prefix (checksum recomputed) open the key, and
+    replicas not yet reloaded take it as is. It was logged whole in a path, and forwarded
+    and logged whole in a query. Every prefix used since start is masked and refused."""
+    path = tmp_path / "keygate.yaml"
+    argon2 = {"time_cost": 1, "memory_cost": 8, "parallelism": 1}
+    changes: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 18080, "access_log": "json"},
+        "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
+                    "scopes": ["people:read"]},
+                   {"path": "/hooks/**", "methods": ["GET"], "upstream": "api",
+                    "public": True}]}
+    write(path, config_doc(str(upstream.make_url("")), **changes))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as gw:
+        await gw.workspace("acme")
+        old, _ = await gw.key("acme", scopes=["people:read"])
+        write(path, config_doc(str(upstream.make_url("")), **changes,
+                               keys={"prefix": "xy", "argon2": argon2}))
+        status, body = await gw.admin_json("POST", "/reload")
+        assert status == 200, body
+        # the secret is live: the same key under the new prefix is let through
+        async with gw.proxy.get("/people/1", headers=bearer(_with_prefix(old, "xy"))) as r:
+            assert r.status == 200
+        gw.logs(capfd)
+        async with gw.proxy.get(f"/hooks/{old}") as r:
+            assert r.status == 200
+        async with gw.proxy.get(f"/hooks/x?token={old}") as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["code"] == "key_in_url"
+        status, _ = await gw.admin_json("GET", f"/workspaces/{old}")
+        assert status in (400, 404)
+        _, err = gw.logs(capfd)
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    paths = [line["path"] for line in lines if "logger" not in line]
+    assert paths == ["/hooks/***", "/hooks/x?token=***"], err
+    admin = [r for r in caplog.records if r.name == "keygate.admin"]
+    assert admin[-1].path == "/admin/v1/workspaces/***", admin[-1].getMessage()
+    secret = old.rsplit("_", 1)[1][12:44]
+    assert secret not in err, err
+    assert not [r for r in caplog.records if r.name.startswith("keygate")
+                and secret in r.getMessage()]

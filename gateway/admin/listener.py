@@ -125,15 +125,19 @@ def create_admin_app(config: Config, store: Store,
                      per_request_ready: Callable[[], Awaitable[None]] | None = None,
                      authenticate_key: KeyAuthenticator | None = None,
                      client_address: Callable[[web.BaseRequest], str] | None = None,
-                     throttle: OperatorThrottle | None = None) -> web.Application:
+                     throttle: OperatorThrottle | None = None,
+                     key_prefixes: Callable[[], str | tuple[str, ...]] | None = None
+                     ) -> web.Application:
     """The admin listener's app: ``/admin/v1/...`` (operator token; with ``authenticate_key``
     also workspace admin keys), ``/healthz``, ``/readyz``, and the console at ``/console/``.
     ``client_address``: the caller's address for the log line (the proxy pipeline's, through
     ``server.trusted_proxies``); the connection's peer without it. ``throttle``: wrong operator
-    tokens from one client are bounded (gateway/admin/throttle.py); unbounded without it."""
+    tokens from one client are bounded (gateway/admin/throttle.py); unbounded without it.
+    ``key_prefixes``: the key prefixes its log masks (every one the gateway has used since
+    start, ``Pipeline.key_prefixes``); the config in force's without it."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware(
         config, authenticate_key=authenticate_key, client_address=client_address,
-        throttle=throttle, current=lambda: store.config)])
+        throttle=throttle, current=lambda: store.config, key_prefixes=key_prefixes)])
     app[STORE] = store
     app[READINESS] = Readiness(store, per_request_ready)
     r = app.router

@@ -16,11 +16,10 @@ import re
 import time
 import uuid
 from typing import Awaitable, Callable
-from urllib.parse import unquote
 
 from aiohttp import web
 
-from ..accesslog import TARGET_MAX, cut_target, holds_decoded, mask_target
+from ..accesslog import TARGET_MAX, cut_target, mask_secret, mask_target
 from ..config import Config
 from ..proxying.server import EXPECTATION, answer_and_close, continue_if_expected
 from ..errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
@@ -80,7 +79,7 @@ def operator_token_weakness(token: str) -> str | None:
     return None
 
 
-def loggable_target(raw_path: str, prefix: str, operator_token: str) -> str:
+def loggable_target(raw_path: str, prefix: str | tuple[str, ...], operator_token: str) -> str:
     """A raw admin request target fit for a log: API keys masked (``mask_target``) and so is
     the operator token, which a script may paste into the URL (``?token=...``): where it shows
     as sent it is replaced by ``***``; a path or query that holds it only once percent-decoded
@@ -96,38 +95,15 @@ def loggable_target(raw_path: str, prefix: str, operator_token: str) -> str:
 ADMIN_TARGET_MAX = TARGET_MAX // 2  # the admin line writes its target twice
 
 
-def _masked(raw_path: str, prefix: str, operator_token: str) -> str:
-    target = mask_target(raw_path, prefix)
-    token = operator_token.strip()
-    if not token:
-        return target
-    target = target.replace(token, "***")
-    if "%" not in target and "+" not in target:  # nothing a decoding could reveal
-        return target
-    if not _holds(target, token):
-        return target
-    path, sep, query = target.partition("?")
-    path_holds, query_holds = _holds(path, token), _holds(query, token)
-    if not (path_holds or query_holds):  # across the '?': neither half is fit to write
-        path_holds = query_holds = True
-    return ("/***" if path_holds else path) + sep + ("***" if query_holds else query)
+def _masked(raw_path: str, prefix: str | tuple[str, ...], operator_token: str) -> str:
+    return mask_secret(mask_target(raw_path, prefix), operator_token.strip())
 
 
-def _holds(text: str, token: str) -> bool:
-    """Whether ``text`` holds ``token`` percent-decoded up to three times (``holds_decoded``,
-    as the access log looks for keys: a script that encodes a URL twice sends ``%252F`` for
-    ``/``), ``+`` read as a plus or as a space, each escape's bytes read as UTF-8 (a token
-    may be any text)."""
-    def found(decoded: str) -> bool:
-        return token in decoded
-    return holds_decoded(text, found, plus_as_space=False, decode=unquote) or \
-        holds_decoded(text, found, decode=unquote)
-
-
-def request_id_of(request: web.BaseRequest) -> str:
-    """The client's ``X-Request-Id`` when it is a sane token, else a fresh one."""
+def request_id_of(request: web.BaseRequest, operator_token: str = "") -> str:
+    """The client's ``X-Request-Id`` when it is a sane token (never one holding the operator
+    token), else a fresh one."""
     rid = request.headers.get("X-Request-Id")
-    if adoptable_request_id(rid):
+    if adoptable_request_id(rid, operator_token.strip()):
         return rid
     return uuid.uuid4().hex
 
@@ -268,7 +244,9 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                      authenticate_key: KeyAuthenticator | None = None,
                      client_address: Callable[[web.BaseRequest], str] | None = None,
                      throttle: OperatorThrottle | None = None,
-                     current: Callable[[], Config] | None = None) -> Callable:
+                     current: Callable[[], Config] | None = None,
+                     key_prefixes: Callable[[], str | tuple[str, ...]] | None = None
+                     ) -> Callable:
     """Errors → SPEC's JSON body; anything unexpected → a generic 500 (logged, never shown);
     ``X-Request-Id`` on every response; auth for everything under ``/admin/``: the operator
     token, or (with ``authenticate_key``) a workspace admin key, confined by :func:`confine`;
@@ -277,17 +255,21 @@ def error_middleware(config: Config, *, authenticate: bool = True,
 
     The operator token is read from the environment here, once: changing the variable takes a
     restart (as with every other setting). ``current``: the config in force, which a reload
-    swaps (``config`` without it); the log masks keys of its ``keys.prefix``."""
+    swaps (``config`` without it); the log masks keys of its ``keys.prefix``, or of every
+    prefix ``key_prefixes`` gives (those the gateway has used since start)."""
     expected = os.environ.get(config.admin.token_env, "")
     if current is None:
         def current() -> Config:
             return config
+    if key_prefixes is None:
+        def key_prefixes() -> str | tuple[str, ...]:
+            return current().keys.prefix
 
     @web.middleware
     async def middleware(request: web.Request,
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
-        rid = request_id_of(request)
+        rid = request_id_of(request, expected)
         started, actor = time.perf_counter(), "-"
         # a client that waits for 100 Continue before it sends its body (AdminRunner leaves
         # that answer to this middleware: it is sent once the caller is admitted). Any
@@ -335,7 +317,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             response = err.response(rid)
         except StoreError as exc:
             log.warning("store unavailable during %s %s (request %s): %s", request.method,
-                        loggable_target(request.raw_path, current().keys.prefix, expected), rid,
+                        loggable_target(request.raw_path, key_prefixes(), expected), rid,
                         exc)
             response = ServiceUnavailable(
                 exc.answer or "The key store is unavailable; nothing was changed or the "
@@ -346,7 +328,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             response = _from_http_exception(exc).response(rid)
         except Exception:
             log.exception("unexpected error in %s %s (request %s)", request.method,
-                          loggable_target(request.raw_path, current().keys.prefix, expected), rid)
+                          loggable_target(request.raw_path, key_prefixes(), expected), rid)
             response = GatewayError("An internal error occurred.").response(rid)
         response.headers["X-Request-Id"] = rid
         if response.status == 413 or held_back and not request.content.is_eof():
@@ -358,7 +340,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             # a new key's token, key listings, usage: no browser, proxy or CDN keeps a copy
             response.headers.setdefault("Cache-Control", "no-store")
             log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
-                           current().keys.prefix,
+                           key_prefixes(),
                            client_address(request) if client_address else request.remote,
                            operator_token=expected)
         if response.status in (408, 501):  # the rest is not worth waiting for, or not ours
@@ -370,7 +352,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
 
 
 def log_admin_call(request: web.Request, status: int, rid: str, actor: str,
-                   elapsed: float, prefix: str, client: str | None,
+                   elapsed: float, prefix: str | tuple[str, ...], client: str | None,
                    operator_token: str = "") -> None:
     """One line per admin API call: who (``operator``, or ``-`` when the token was refused),
     what, the answer, from where (in the message too: a text log has nothing else). Never a
