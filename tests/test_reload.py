@@ -2227,6 +2227,41 @@ def _with_prefix(token: str, prefix: str) -> str:
     return head + checksum(head)
 
 
+async def test_a_token_of_the_prefix_a_reload_replaced_never_reaches_a_public_upstream(
+        tmp_path, upstream, redis_url, monkeypatch):
+    """Regression: on a public route, a keygate token in ``Authorization`` (Bearer, inside a
+    Basic credential, mistyped in its checksum) is dropped, never passed to the upstream.
+    After a reload from ``keys.prefix: kg`` to ``xy`` only ``xy`` tokens were: an old one,
+    still a live secret (under the new prefix, its checksum recomputed; as is on a replica
+    not yet reloaded), reached the upstream. Every prefix used since start is dropped."""
+    import base64
+    path = tmp_path / "keygate.yaml"
+    changes: dict[str, Any] = {
+        "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
+                    "scopes": ["people:read"]},
+                   {"path": "/hooks/**", "methods": ["GET"], "upstream": "api",
+                    "public": True}]}
+    write(path, config_doc(str(upstream.make_url("")), **changes))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as gw:
+        await gw.workspace("acme")
+        old, _ = await gw.key("acme", scopes=["people:read"])
+        write(path, config_doc(str(upstream.make_url("")), **changes, keys={"prefix": "xy"}))
+        status, body = await gw.admin_json("POST", "/reload")
+        assert status == 200, body
+        basic = base64.b64encode(f"user:{old}".encode()).decode()
+        for value in (f"Bearer {old}", f"Token {old}", f"Basic {basic}",
+                      f"Bearer {old[:-1]}", f"Bearer {_with_prefix(old, 'xy')}"):
+            async with gw.proxy.get("/hooks/x", headers={"Authorization": value}) as r:
+                assert r.status == 200, value
+            seen = {k.lower(): v for k, v in upstream.requests[-1]["headers"]}
+            assert "authorization" not in seen, (value, seen)
+        async with gw.proxy.get("/hooks/x", headers={"Authorization": "Bearer upstream-own"}) as r:
+            assert r.status == 200
+        seen = {k.lower(): v for k, v in upstream.requests[-1]["headers"]}
+        assert seen.get("authorization") == "Bearer upstream-own", seen
+
+
 async def test_tokens_of_the_prefix_a_reload_replaced_are_refused_in_a_query_and_never_logged(
         tmp_path, upstream, redis_url, monkeypatch, capfd, caplog):
     """Regression: after a reload from ``keys.prefix: kg`` to ``xy``, the access log masked

@@ -77,7 +77,7 @@ from ..models import (HOP_BY_HOP, HOST_OVERRIDE, PATH_OVERRIDE, SCHEME_OVERRIDE,
 from ..signature import DEFAULT_HEADER as SIGNATURE_HEADER
 from ..overrides import HEADERS as OVERRIDE_HEADERS
 from ..routes import query_has_token
-from ..tokens import BODY_LEN
+from ..tokens import BODY_LEN, alternation
 from ..trust import TrustedProxies
 
 _HOP_BY_HOP_BYTES = frozenset(n.encode() for n in HOP_BY_HOP)
@@ -85,14 +85,15 @@ _HOP_BY_HOP_BYTES = frozenset(n.encode() for n in HOP_BY_HOP)
 # CR/LF would split the lean client's request head, NUL and the rest get it refused upstream.
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Basic credentials as base64 in either alphabet (RFC 4648 sections 4 and 5), padding aside
-_MISTYPED: dict[str, re.Pattern] = {}
+_MISTYPED: dict[str | tuple[str, ...], re.Pattern] = {}
 
 
-def _mistyped_token(prefix: str) -> re.Pattern:
-    """``<prefix>_<env>_`` and at least a key id and secret's worth (44) of base62."""
+def _mistyped_token(prefix: str | tuple[str, ...]) -> re.Pattern:
+    """``<prefix>_<env>_`` (of the prefix, or of any of several) and at least a key id and
+    secret's worth (44) of base62."""
     pattern = _MISTYPED.get(prefix)
     if pattern is None:
-        pattern = _MISTYPED[prefix] = re.compile(re.escape(prefix) +
+        pattern = _MISTYPED[prefix] = re.compile(alternation(prefix) +
                                                  r"_[A-Za-z0-9]+_[0-9A-Za-z]{44}")
     return pattern
 
@@ -177,9 +178,12 @@ _IDENTITIES_MAX = 4096  # principals whose identity header values are kept forma
 class RequestHeaderRules:
     """The request-header rules of one config (see the module docstring)."""
 
-    def __init__(self, config: Config, retired: Iterable[str] = ()) -> None:
+    def __init__(self, config: Config, retired: Iterable[str] = (),
+                 prefixes: Iterable[str] = ()) -> None:
         """``retired``: identity header names earlier configs of this process set (a reload
-        renamed them), dropped from requests as the current ones are."""
+        renamed them), dropped from requests as the current ones are; ``prefixes``: the key
+        prefixes earlier configs used, whose tokens are as much keygate's to drop (a key of a
+        prefix a reload replaced is still a live secret)."""
         ident = config.identity_headers
         self.identity = tuple(ident.names())  # workspace, key id, scopes, plan
         # every identity header name set in this process's life, this config's included
@@ -214,7 +218,11 @@ class RequestHeaderRules:
             *self.identity, self.sign_header, SIGNATURE_HEADER))
         self.response_names: dict[bytes, str | None] = {}
         self.trusted = TrustedProxies(config.server.trusted_proxies)
-        self._prefix = config.keys.prefix
+        # every key prefix used since start, this config's included: one string while no
+        # reload changed it (as it always cost), else a tuple (one regex alternation)
+        used = list(dict.fromkeys((*prefixes, config.keys.prefix)))
+        self.prefixes = tuple(used)
+        self._prefix: str | tuple[str, ...] = used[0] if len(used) == 1 else self.prefixes
         self._kinds: dict[str, object] = {}  # header name as sent -> _PASS, _DROP, ...
         self._identities: dict[tuple, tuple[str, str, str, str]] = {}  # checked, formatted
 
