@@ -2010,18 +2010,32 @@ SHAPES = {
                                   ["usage", "-w", "acme", "--daily"]],
                          ids=lambda a: "-".join(a[:2]))
 async def test_a_json_answer_of_another_shape_is_one_line_exit_1(aiohttp_server, shape, argv,
-                                                                 json_flag):
+                                                                 json_flag, capsys,
+                                                                 monkeypatch):
     """An admin URL that is not keygate's (another JSON service, a proxy's JSON error page
     with status 200) answers valid JSON of another shape: list, audit and the rest crashed
     with AttributeError or TypeError tracebacks; it is one line and exit 1, as for a body
-    that is not JSON."""
+    that is not JSON.
+
+    Each verb runs once as the console script (the first shape, as a table); its other
+    shapes and formats call the script's entry point, ``main``, in this process (an
+    exception out of it, the traceback, fails the test as well): 35 fewer interpreters
+    started, ~0.2 s of CPU each."""
     from aiohttp import web
 
     async def answer(request: web.Request) -> web.Response:
         return web.Response(body=SHAPES[shape], content_type="application/json")
 
     url = await serve_answer(aiohttp_server, answer)
-    code, out, err, _ = await run_script("--admin-url", url, *argv, *json_flag)
+    if shape == next(iter(SHAPES)) and not json_flag:
+        code, out, err, _ = await run_script("--admin-url", url, *argv, *json_flag)
+    else:  # the environment run_script gives the script
+        for name in [n for n in os.environ if n.startswith("KEYGATE_")]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", SCRIPT_TOKEN)
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, ["--admin-url", url, *argv, *json_flag])
+        out, err = capsys.readouterr()
     assert "Traceback" not in err, err
     assert code == 1 and err.startswith("keygate: ") and len(err.splitlines()) == 1, (code, err)
     if argv[0] != "usage" or "items" in shape:
