@@ -178,11 +178,6 @@ async def get_all(g: "GatewayUnderTest", token: str, n: int) -> list[tuple[int, 
     return got
 
 
-async def refusal_times(g: "GatewayUnderTest", token: str, n: int = 7) -> dict[str, float]:
-    """Fastest seconds of each kind of refusal (``refusal_costs``)."""
-    return {what: cost.fastest for what, cost in (await refusal_costs(g, token, n)).items()}
-
-
 @dataclasses.dataclass(frozen=True)
 class RefusalCost:
     """``fastest``: the fastest refusal's seconds, as the client saw them. ``argon2_cpu``: the
