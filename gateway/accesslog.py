@@ -19,12 +19,11 @@ import sys
 import threading
 import time
 from typing import Callable
-from urllib.parse import unquote
 
 from aiohttp import web
 
 from .config import Config
-from .percent import unquote_latin1
+from .percent import unquote_latin1, unquote_utf8
 from .tokens import ID_LEN, SECRET_LEN, alternation as _alternation, marked
 
 _SEPARATORS = re.compile(r"([&;])")
@@ -360,8 +359,8 @@ def _holds_secret(text: str, secret: str) -> bool:
     text)."""
     def found(decoded: str) -> bool:
         return secret in decoded
-    return holds_decoded(text, found, plus_as_space=False, decode=unquote) or \
-        holds_decoded(text, found, decode=unquote)
+    return holds_decoded(text, found, plus_as_space=False, decode=unquote_utf8) or \
+        holds_decoded(text, found, decode=unquote_utf8)
 
 
 TARGET_MAX = 2048  # bytes of a request target a log line holds, as written (JSON-escaped)
@@ -480,7 +479,7 @@ class AccessLog:
         path, method = request.raw_path, request.method
         if "?" in path or "%" in path or self._marker in path:  # else no key to mask
             path = mask_target(path, self.prefix)
-            if self._secret:
+            if len(path) >= self._secret_len:  # (shorter holds it nowhere, decoded or not)
                 path = mask_secret(path, self._secret)
         elif len(path) >= self._secret_len and (self._secret in path or "+" in path):
             path = mask_secret(path, self._secret)  # (a "+": a space, read as a query's)

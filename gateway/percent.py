@@ -32,7 +32,11 @@ def unquote_latin1(text: str) -> str:
 
 def unquote_plus(text: str) -> str:
     """``urllib.parse.unquote_plus(text)`` (UTF-8, invalid sequences replaced)."""
-    text = text.replace("+", " ")
+    return unquote_utf8(text.replace("+", " "))
+
+
+def unquote_utf8(text: str) -> str:
+    """``urllib.parse.unquote(text)`` (UTF-8, invalid sequences replaced)."""
     if "%" not in text:
         return text
     if not text.isascii():  # (a request line's query is ASCII: llhttp refuses other bytes)

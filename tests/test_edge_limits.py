@@ -1028,6 +1028,89 @@ async def test_a_client_still_taking_its_last_answer_slowly_after_a_close_gets_a
                 f"a client still taking its answer got {len(got) - head_end} of {len(body)}"
 
 
+async def _slow_reader(loop, port: int, server, per_read: int, every: float, for_s: float,
+                       length: int) -> tuple[int, str | None]:
+    """A client (4 KiB receive buffer, keygate's side given a 4 KiB send buffer) reading
+    ``per_read`` bytes every ``every`` s for ``for_s`` s, then the rest at once; the body
+    bytes it got and why it stopped early, if it did."""
+    import socket
+    from harness import eventually
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    before = set(server.connections)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    assert await eventually(lambda: set(server.connections) - before, 5)
+    [handler] = set(server.connections) - before
+    handler.transport.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    got = bytearray()
+    try:
+        await loop.sock_sendall(sock, b"GET /public/stream HTTP/1.1\r\nHost: g\r\n\r\n")
+        started = time.monotonic()
+        while time.monotonic() - started < for_s:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, per_read), 3.0)
+            if not chunk:
+                return len(got), f"closed after {len(got)} bytes at {time.monotonic() - started:.1f} s"
+            got += chunk
+            await asyncio.sleep(every)
+        head_end = got.find(b"\r\n\r\n") + 4
+        assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+        async with asyncio.timeout(20):
+            while len(got) < head_end + length:
+                chunk = await loop.sock_recv(sock, 1 << 20)
+                if not chunk:
+                    break
+                got += chunk
+        return len(got) - head_end, None
+    except ConnectionError as exc:
+        return len(got), f"cut off after {len(got)} bytes: {exc!r}"
+    finally:
+        sock.close()
+
+
+async def test_a_slow_steady_reader_of_a_streamed_answer_in_small_chunks_is_not_cut_off(
+        redis_url, monkeypatch):
+    """README: "A client that takes none of its answer for `body` seconds is cut off; one that
+    takes it slowly but steadily (a long download over a poor link) is not, however long it
+    takes." An upstream streaming its answer in small pieces (2 KiB, an event stream, a
+    download relayed as it comes) to clients reading ~16 KiB/s (8 KiB every 0.5 s; body
+    timeout 1 s, so 8-16 KiB taken in every timeout): they were cut off. The stall timer's mark
+    (_stall_mark, what the client had not taken) is read when the transport pauses, but
+    aiohttp's writer goes on writing after the pause until its own 64 KiB counter runs over
+    (StreamWriter.write drains only past LIMIT): up to 64 KiB more is added behind the mark,
+    so a client taking less than that in the first timeout reads as one that took nothing
+    (_reader_stalled: ``left < _stall_mark`` fails) and is aborted. (Seen: paused at 75,776
+    bytes not taken, 112,640 a second later though the client read 8-16 KiB meanwhile; with
+    aiohttp's LIMIT patched to 0, no write after the pause, all three clients get it all.)
+    At the shipped 60 s the same cuts off clients under ~1 KiB/s."""
+    from aiohttp import web
+    from gateway.config import Route, ServerConfig, Timeouts
+    from harness import gateway_under_test, make_config, serving
+    piece, pieces = b"z" * 2048, 600
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = len(piece) * pieces
+        await resp.prepare(request)
+        for _ in range(pieces):
+            await resp.write(piece)
+            await asyncio.sleep(0.003)
+        return resp
+
+    routes = (Route("/public/**", "api", ("GET",), (), True),)
+    async with serving(stream) as url:
+        config = make_config(url, routes=routes, server=ServerConfig(
+            host="127.0.0.1", timeouts=Timeouts(header=5.0, body=1.0, idle=5.0)))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            loop = asyncio.get_running_loop()
+            results = []
+            for _ in range(3):
+                results.append(await _slow_reader(loop, g.proxy_server.port, g.gw.proxy_server,
+                                                  8192, 0.5, 3.5, len(piece) * pieces))
+            assert [why for _, why in results] == [None] * 3, results
+            assert [n for n, _ in results] == [len(piece) * pieces] * 3
+
 async def _pipeline_until_a_tail_is_stuck(port: int, server, request: bytes):
     """A raw client with a tiny receive buffer that never reads: it sends ``request`` again
     and again, each once the last was answered, until the kernel buffers are full and an

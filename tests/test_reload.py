@@ -2319,3 +2319,64 @@ async def test_tokens_of_the_prefix_a_reload_replaced_are_refused_in_a_query_and
     assert secret not in err, err
     assert not [r for r in caplog.records if r.name.startswith("keygate")
                 and secret in r.getMessage()]
+
+
+async def test_a_key_header_name_a_reload_retired_never_carries_a_token_upstream(
+        tmp_path, redis_url, monkeypatch):
+    """This session keeps dropping, after a reload, what earlier configs made keygate's:
+    the identity header names they set (retired names, headers.py) and tokens of every key
+    prefix they used in a public route's Authorization ("a key of a prefix a reload replaced
+    is still a live secret"). A reload that renames the credential header (keys.headers
+    X-Api-Key -> X-Key) does not: the old name is no longer dropped, and a client still
+    sending its live token there (a client library not yet moved, on a public route, or
+    alongside the new header) has it forwarded to the upstream. SPEC: "Forwarding: the
+    credential header(s) are removed"; the token is the same live secret it was a reload
+    ago. (Before the reload the same requests reach the upstream without it.)"""
+    import yaml
+    from aiohttp import web
+    from gateway.config import load_config
+    from harness import gateway_under_test, serving
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({k.lower(): v for k, v in request.headers.items()})
+
+    def doc(url: str, headers: list[str]) -> dict:
+        return {
+            "server": {"host": "127.0.0.1", "port": 18080},
+            "admin": {"host": "127.0.0.1", "port": 18081},
+            "keys": {"headers": headers,
+                     "argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
+            "plans": {"starter": {"monthly_requests": 1000, "max_keys": 5}},
+            "default_plan": "starter",
+            "roles": {"reader": ["people:read"]},
+            "upstreams": {"api": {"url": url, "timeout": 5}},
+            "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
+                        "scopes": ["people:read"]},
+                       {"path": "/open/**", "methods": ["GET"], "upstream": "api",
+                        "public": True}]}
+
+    async with serving(echo) as url:
+        path = tmp_path / "keygate.yaml"
+        path.write_text(yaml.safe_dump(doc(url, ["X-Api-Key"])))
+        async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                      config_path=str(path)) as gw:
+            await gw.workspace("acme")
+            token, _ = await gw.key(role="reader")
+
+            async def seen() -> list[dict]:
+                got = []
+                for target, headers in (("/open/x", {"X-Api-Key": token}),
+                                        ("/people/1", {"X-Key": token, "X-Api-Key": token})):
+                    async with gw.proxy.get(target, headers=headers) as r:
+                        got.append((r.status, await r.json() if r.status == 200 else None))
+                return got
+
+            before = await seen()
+            assert before[0][0] == 200 and "x-api-key" not in before[0][1]
+            path.write_text(yaml.safe_dump(doc(url, ["X-Key"])))
+            assert (await gw.admin_json("POST", "/reload"))[0] == 200
+            after = await seen()
+            leaked = [(t, h.get("x-api-key")) for t, (s, h) in zip(("/open/x", "/people/1"), after)
+                      if h and h.get("x-api-key")]
+            assert [s for s, _ in after] == [200, 200], after
+            assert leaked == [], f"a live token reached the upstream under the retired name: {leaked}"

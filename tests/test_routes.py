@@ -222,11 +222,12 @@ def test_query_token_other_prefix() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from("%%%2aA5fFgz+ .\u00e9\u20ac\x00"), max_size=40))
 def test_the_fast_percent_decoders_read_what_urllib_reads(text) -> None:
-    # gateway.percent stands in for urllib's unquote (latin-1) and unquote_plus on request
-    # text, which were slow on stray '%' signs: the same result for any text
+    # gateway.percent stands in for urllib's unquote (latin-1 and UTF-8) and unquote_plus on
+    # request text, which were slow on stray '%' signs: the same result for any text
     from urllib.parse import unquote, unquote_plus as urllib_unquote_plus
-    from gateway.percent import unquote_latin1, unquote_plus
+    from gateway.percent import unquote_latin1, unquote_plus, unquote_utf8
     assert unquote_latin1(text) == unquote(text, encoding="latin-1")
+    assert unquote_utf8(text) == unquote(text)
     assert unquote_plus(text) == urllib_unquote_plus(text)
 
 

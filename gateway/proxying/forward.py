@@ -172,10 +172,11 @@ class Forwarder:
 
     def _settle(self, config: Config) -> None:
         self.config = config
-        # the identity header names earlier configs set stay dropped from client requests,
-        # and tokens of the key prefixes they used from public routes' Authorization
+        # the identity and credential header names earlier configs had stay dropped from
+        # client requests, and tokens of the key prefixes they used from public routes'
+        # Authorization
         before = self.header_rules
-        self.header_rules = RequestHeaderRules(config, before.injected if before else (),
+        self.header_rules = RequestHeaderRules(config, before.own_names if before else (),
                                                before.prefixes if before else ())
         signing = config.identity_signature
         self._sign_secret: bytes | None = None

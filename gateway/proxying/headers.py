@@ -180,15 +180,18 @@ class RequestHeaderRules:
 
     def __init__(self, config: Config, retired: Iterable[str] = (),
                  prefixes: Iterable[str] = ()) -> None:
-        """``retired``: identity header names earlier configs of this process set (a reload
-        renamed them), dropped from requests as the current ones are; ``prefixes``: the key
+        """``retired``: header names of keygate's own that earlier configs of this process
+        had (identity headers it set, credential headers it read keys from: a reload renamed
+        them), dropped from requests as the current ones are; ``prefixes``: the key
         prefixes earlier configs used, whose tokens are as much keygate's to drop (a key of a
         prefix a reload replaced is still a live secret)."""
         ident = config.identity_headers
         self.identity = tuple(ident.names())  # workspace, key id, scopes, plan
-        # every identity header name set in this process's life, this config's included
-        # (_norm names): the next config's rules are handed them as ``retired``
-        self.injected = frozenset(_norm(n) for n in (*retired, *self.identity))
+        # every identity header name set and credential header name read in this process's
+        # life, this config's included (_norm names): the next config's rules are handed them
+        # as ``retired``
+        self.own_names = frozenset(_norm(n) for n in (*retired, *self.identity,
+                                                      *config.keys.headers))
         signing = config.identity_signature
         self.sign_header = signing.header if signing else SIGNATURE_HEADER
         self.sign_secret: bytes | None = None  # set by the Forwarder that reads the secret
@@ -202,10 +205,10 @@ class RequestHeaderRules:
         self.body_timeout = config.server.timeouts.body
         # Dropped from every request whatever the route (names normalised with _norm).
         always = set(HOP_BY_HOP)
-        # the names earlier configs set too: an upstream still reading an old name while it
-        # moves to the new one must never read a client's copy
-        always.update(self.injected)
-        always.update(_norm(h) for h in config.keys.headers)
+        # the names earlier configs had too: an upstream still reading an old identity name
+        # while it moves to the new one must never read a client's copy, and a token sent in
+        # a credential header a reload retired (a client not yet moved) is still a live secret
+        always.update(self.own_names)
         always.update(("host", "expect", "content-length", "x-request-id", "traceparent",
                        "tracestate"))
         # the default name too: an upstream still checking it must never read a client's copy

@@ -377,17 +377,18 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._head_from != self._request_count:  # the first bytes of a next head
             self._head_from = self._request_count
             self._head_bytes = 0
+        arrived = len(data) > start
+        if arrived and not self._head_bytes:
+            # blank lines before a request line are no part of its head (the parser skips
+            # them, RFC 9112 2.2): counted from its first other byte, and never its end
+            start = _BLANK_LINES.match(data, start).end()
         received = max(len(data) - start, 0)
-        if received:
-            # the head's last 3 bytes, from its first byte that is no blank line on (blank
-            # lines before a request line are skipped by the parser, never a head's end)
-            tail = self._head_tail if self._head_bytes else b""
-            if not tail:
-                start = _BLANK_LINES.match(data, start).end()
-            tail += data[max(start, len(data) - 3):]
+        if received:  # the head's last 3 bytes (see _heads_as_sent)
+            tail = (self._head_tail if self._head_bytes else b"") + data[max(start,
+                                                                            len(data) - 3):]
             self._head_tail = tail[-3:]
         self._head_bytes += received
-        if received and self._head_since is None:
+        if arrived and self._head_since is None:
             # a head begun behind a request (in its read, or while it is answered): due from
             # now, as timeouts.header says, not left to timeouts.idle once that is answered
             # (head_overdue waits until nothing is queued or under way)
@@ -495,11 +496,12 @@ class _JsonErrorRequestHandler(RequestHandler):
             if earlier:  # the rest of a head begun in earlier reads
                 start, size = 0, earlier
                 earlier, tail = 0, self._head_tail
-                found = (tail + data[:3]).find(_HEAD_END) if tail else -1
+                # (begun: blank lines before it were not counted, and it has a tail)
+                found = (tail + data[:3]).find(_HEAD_END)
                 if found >= 0:  # its empty line began in an earlier read
                     end = found + 4 - len(tail)
                 else:
-                    found = data.find(_HEAD_END, 0 if tail else _BLANK_LINES.match(data).end())
+                    found = data.find(_HEAD_END)
                     end = found + 4 if found >= 0 else -1
             else:
                 start = _BLANK_LINES.match(data, pos).end()
@@ -673,12 +675,14 @@ class _JsonErrorRequestHandler(RequestHandler):
         """``timeout`` seconds since the client's transport paused, or since it last took
         bytes: closed if it took none of them since (a client reading steadily, but slower than
         the buffered part of its answer (an upstream read, up to 256 KiB) in a timeout, stays
-        paused all along; its download was cut short). While paused nothing is added to what
-        the client has still to take (the writer waits for it to drain), so less of it is
-        bytes taken."""
+        paused all along; its download was cut short). Less left to take is bytes taken."""
         self._write_stall = None
         transport = self.transport
-        if transport is not None and (left := _not_taken(transport)) < self._stall_mark:
+        if transport is not None and (left := _not_taken(transport)) != self._stall_mark:
+            # less: the client took bytes. More: the writer was still adding when it paused
+            # (aiohttp's StreamWriter writes on up to its own limit before it drains), which
+            # may hide bytes taken: looked at again, and a client that takes none is cut off
+            # a timeout later
             self._stall_mark = left
             self._write_stall = self._loop.call_later(timeout, self._reader_stalled, timeout)
             return
