@@ -359,8 +359,11 @@ def _holds_secret(text: str, secret: str) -> bool:
     text)."""
     def found(decoded: str) -> bool:
         return secret in decoded
-    return holds_decoded(text, found, plus_as_space=False, decode=unquote_utf8) or \
-        holds_decoded(text, found, decode=unquote_utf8)
+    if holds_decoded(text, found, plus_as_space=False, decode=unquote_utf8):
+        return True
+    # a '+' read as a space can reveal only a secret holding a space or a '+' (no escape
+    # holds one: '+' is no hex digit): a usual token (URL-safe) is looked for once
+    return (" " in secret or "+" in secret) and holds_decoded(text, found, decode=unquote_utf8)
 
 
 TARGET_MAX = 2048  # bytes of a request target a log line holds, as written (JSON-escaped)

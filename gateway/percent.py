@@ -16,11 +16,22 @@ from urllib.parse import unquote
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 
 
+# every hex digit as 'h', every other byte as it is: a text dense in '%' signs holds an
+# escape only if this holds "%hh"
+_HEX_AS_H = bytes(ord("h") if chr(i) in "0123456789abcdefABCDEF" else i for i in range(256))
+
+
 def unquote_latin1(text: str) -> str:
     """``urllib.parse.unquote(text, encoding="latin-1")``: each well-formed escape as the
     character of its byte; a '%' without two hex digits after it, and everything else, as
     it is."""
     if "%" not in text:
+        return text
+    if len(text) > 256 and text.count("%") * 8 > len(text) and \
+            b"%hh" not in text.encode("latin-1", "ignore").translate(_HEX_AS_H):
+        # '%' signs and no escape (a hostile query of '%'s, or one decoded already): the
+        # regex tries a match at every '%' (~5x the check); dropped characters (not latin-1)
+        # can only join a '%' to hex digits, never part one from them
         return text
     parts = _ESCAPE.split(text)  # text, hex, text, hex, ..., text
     if len(parts) == 1:

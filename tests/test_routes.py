@@ -231,6 +231,17 @@ def test_the_fast_percent_decoders_read_what_urllib_reads(text) -> None:
     assert unquote_plus(text) == urllib_unquote_plus(text)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from("%%%%%2aA5fFgz+\u20ac"), min_size=257, max_size=600))
+def test_the_fast_percent_decoders_read_long_texts_dense_in_percent_signs_as_urllib(text) -> None:
+    # a long text mostly of '%' signs is checked for escapes in one pass before the regex
+    # (a hostile query): the same result, escape or not, non-latin-1 characters or not
+    from urllib.parse import unquote
+    from gateway.percent import unquote_latin1, unquote_utf8
+    assert unquote_latin1(text) == unquote(text, encoding="latin-1")
+    assert unquote_utf8(text) == unquote(text)
+
+
 def test_a_token_double_encoded_behind_stray_percent_signs_is_still_found() -> None:
     encoded = "".join(f"%25{b:02X}" for b in TOKEN.encode())
     assert query_has_token("%%%&x=" + encoded, "kg")

@@ -18,15 +18,14 @@ tests/test_edge_*.py say so); an upgrade that changes ``start`` only turns the c
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import gc
 import hashlib
 import inspect
 import logging
 import math
 import re
+import socket
 import struct
-import termios
 import uuid
 import warnings
 from typing import Callable
@@ -121,23 +120,32 @@ def _head_size(message) -> int:
         len(name) + len(value) + 4 for name, value in message.raw_headers)
 
 
-def _not_taken(transport) -> int:
-    """The bytes written to ``transport`` that its peer has not taken yet: those in the
-    transport's buffer and, on Linux, those in its socket's send queue (not yet sent, or sent
-    and not acknowledged). The buffer alone does not move while a slow reader takes bytes: the
-    kernel asks for more only once a third of a send buffer (megabytes on a fast link) is free.
-    Read when a write stall's timer fires, not per write."""
-    left = transport.get_write_buffer_size()
+def _taken(transport) -> int:
+    """A count that grows as the peer of ``transport`` takes what was written to it: on Linux
+    TCP, the bytes its kernel acknowledged (``TCP_INFO``'s ``tcpi_bytes_acked``: once its
+    receive buffer is full, only what its application reads lets more in). Elsewhere, less
+    left to take (the transport's buffer, negated), which bytes still written after a pause
+    hide. Read when a write stall's timer fires or a closed connection is swept, not per
+    write.
+
+    Neither the transport's buffer nor the socket's send queue will do: the buffer does not
+    move while a slow reader takes bytes (the kernel asks for more only once a third of a
+    send buffer, megabytes on a fast link, is free), and aiohttp's writer goes on adding to it
+    after a pause, up to its own 64 KiB limit, which hid a steady reader's bytes."""
     sock = transport.get_extra_info("socket")
-    if sock is not None and _OUTQ is not None:
+    if sock is not None:
         try:
-            left += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
-        except (OSError, ValueError):  # closed under us, or no such ioctl: the buffer alone
-            pass
-    return left
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        except (OSError, AttributeError, ValueError):  # closed, not TCP, not Linux
+            info = b""
+        if len(info) >= _TCP_INFO_LEN:
+            return struct.unpack_from("Q", info, _BYTES_ACKED)[0]
+    return -transport.get_write_buffer_size()
 
 
-_OUTQ = getattr(termios, "TIOCOUTQ", None)  # SIOCOUTQ: a socket's unacknowledged bytes
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a u64 at byte 120 (Linux 4.1 and later)
+_BYTES_ACKED = 120
+_TCP_INFO_LEN = _BYTES_ACKED + 8
 
 
 class BodyFramingBroken(ConnectionResetError):
@@ -158,7 +166,7 @@ class _JsonErrorRequestHandler(RequestHandler):
     _head_since: float | None = None
     _last_payload = None  # the body stream of the newest request parsed on this connection
     _write_stall: asyncio.TimerHandle | None = None  # armed while the client takes no bytes
-    _stall_mark = 0  # the transport's buffered bytes when that timer was last armed
+    _stall_mark = 0  # _taken(transport) when that timer was last armed
     _chunked = None   # the body stream of a chunked request whose end is not judged yet
     _before = b""     # the connection's read before the latest (its last _RECENT bytes)
     _latest = b""     # and its latest (likewise)
@@ -174,7 +182,7 @@ class _JsonErrorRequestHandler(RequestHandler):
     upstream_wait: asyncio.Timeout | asyncio.Future | None = None
     _kept = None      # the connection's transport, kept past force_close (it drops .transport)
     _unflushed_since: float | None = None  # when the sweep first saw it closed, bytes unsent
-    _flush_mark = 0  # the bytes its client had not taken then (or when it last took some)
+    _flush_mark = 0  # _taken(transport) then (or when its client last took some)
     # bytes held behind an upgrade not yet answered (aiohttp's _message_tail) whose first
     # HEAD_MAX hold no end of a head: never parsed if declined (None: not judged yet)
     _tail_over: bool | None = None
@@ -658,7 +666,7 @@ class _JsonErrorRequestHandler(RequestHandler):
         super().pause_writing()
         timeout = getattr(self._manager, "write_timeout", None)
         if timeout and self._write_stall is None:
-            self._stall_mark = _not_taken(self.transport)
+            self._stall_mark = _taken(self.transport)
             self._write_stall = self._loop.call_later(timeout, self._reader_stalled, timeout)
         if self._tunnel is not None:  # the upstream waits until the client takes these
             self._tunnel.client_paused()
@@ -675,15 +683,11 @@ class _JsonErrorRequestHandler(RequestHandler):
         """``timeout`` seconds since the client's transport paused, or since it last took
         bytes: closed if it took none of them since (a client reading steadily, but slower than
         the buffered part of its answer (an upstream read, up to 256 KiB) in a timeout, stays
-        paused all along; its download was cut short). Less left to take is bytes taken."""
+        paused all along; its download was cut short). See ``_taken``."""
         self._write_stall = None
         transport = self.transport
-        if transport is not None and (left := _not_taken(transport)) != self._stall_mark:
-            # less: the client took bytes. More: the writer was still adding when it paused
-            # (aiohttp's StreamWriter writes on up to its own limit before it drains), which
-            # may hide bytes taken: looked at again, and a client that takes none is cut off
-            # a timeout later
-            self._stall_mark = left
+        if transport is not None and (taken := _taken(transport)) > self._stall_mark:
+            self._stall_mark = taken
             self._write_stall = self._loop.call_later(timeout, self._reader_stalled, timeout)
             return
         if transport is not None:
@@ -770,11 +774,11 @@ class _JsonErrorRequestHandler(RequestHandler):
         if transport is None or not transport.is_closing() \
                 or not transport.get_write_buffer_size():
             return False
-        left = _not_taken(transport)
-        if self._unflushed_since is None or left < self._flush_mark:
+        taken = _taken(transport)
+        if self._unflushed_since is None or taken > self._flush_mark:
             # (first seen, or the client took bytes since: a slow reader finishing its
             # download is no stalled one) the timeout runs from now
-            self._unflushed_since, self._flush_mark = now, left
+            self._unflushed_since, self._flush_mark = now, taken
         return now - self._unflushed_since >= timeout
 
     def waiting_since(self) -> float | None:
