@@ -934,7 +934,6 @@ async def test_a_client_reading_a_long_answer_slowly_but_steadily_is_not_cut_off
     takes are progress: the timer starts again, and only a client that took nothing for the
     whole timeout is closed. Here: ~40 KiB/s for over 3 body timeouts (1 s), then the rest
     read at once must be the whole answer."""
-    import socket
     body = b"x" * (4 << 20)
 
     async def answer(request: web.Request) -> web.Response:
@@ -942,36 +941,12 @@ async def test_a_client_reading_a_long_answer_slowly_but_steadily_is_not_cut_off
 
     async with serving(answer) as url:
         async with gateway_under_test(edge_config(url), redis_url, monkeypatch) as g:
-            loop = asyncio.get_running_loop()
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", g.proxy_server.port))
-            got = bytearray()
-            try:
-                await loop.sock_sendall(sock, b"GET /public/big HTTP/1.1\r\nHost: g\r\n\r\n")
-                started = time.monotonic()
-                while time.monotonic() - started < 3.5:  # 4 KiB every 0.1 s
-                    chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 2.0)
-                    assert chunk, f"closed after {len(got)} bytes"
-                    got += chunk
-                    await asyncio.sleep(0.1)
-                head_end = got.find(b"\r\n\r\n") + 4
-                assert got.startswith(b"HTTP/1.1 200 ") and head_end > 4, got[:200]
-                length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", got[:head_end])[1])
-                assert length == len(body)
-                async with asyncio.timeout(20):
-                    while len(got) < head_end + length:
-                        chunk = await loop.sock_recv(sock, 1 << 20)
-                        if not chunk:
-                            break
-                        got += chunk
-            except ConnectionError as exc:
-                raise AssertionError(f"cut off after {len(got)} bytes: {exc!r}")
-            finally:
-                sock.close()
-            assert len(got) - head_end == length, \
-                f"a client reading ~40 KiB/s got {len(got) - head_end} of {length} bytes"
+            got, why = await _slow_reader(asyncio.get_running_loop(), g.proxy_server.port,
+                                          g.gw.proxy_server, 4096, 0.1, 3.5, len(body),
+                                          "/public/big")
+    assert (got, why) == (len(body), None), \
+        f"a client reading ~40 KiB/s got {got} of {len(body)} bytes: {why}"
+
 
 async def test_a_client_still_taking_its_last_answer_slowly_after_a_close_gets_all_of_it(
         redis_url, monkeypatch):
@@ -982,10 +957,9 @@ async def test_a_client_still_taking_its_last_answer_slowly_after_a_close_gets_a
     taken. Only a client that took none of it for that long is cut off; this one gets its
     whole answer.
 
-    keygate's socket gets a small send buffer here (the kernel's autotuning grows it to
-    megabytes on loopback), so that a 60 KB answer outlasts idle (2 s) + body (1 s) at ~10
-    KiB/s: written at once, its handler done, most of it in keygate's own buffer."""
-    import socket
+    keygate's socket gets a small send buffer here, so that a 60 KB answer outlasts idle (2 s)
+    + body (1 s) at ~10 KiB/s: written at once, its handler done, most of it in keygate's own
+    buffer."""
     body = b"y" * 60_000
 
     async def answer(request: web.Request) -> web.Response:
@@ -993,46 +967,18 @@ async def test_a_client_still_taking_its_last_answer_slowly_after_a_close_gets_a
 
     async with serving(answer) as url:
         async with gateway_under_test(edge_config(url), redis_url, monkeypatch) as g:
-            loop = asyncio.get_running_loop()
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", g.proxy_server.port))
-            server = g.gw.proxy_server
-            assert await eventually(lambda: server.connections, 5)
-            [handler] = server.connections
-            handler.transport.get_extra_info("socket").setsockopt(
-                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            got = bytearray()
-            try:
-                await loop.sock_sendall(sock, b"GET /public/small HTTP/1.1\r\nHost: g\r\n\r\n")
-                started = time.monotonic()
-                while time.monotonic() - started < 4.5:  # 1 KiB every 0.1 s
-                    chunk = await asyncio.wait_for(loop.sock_recv(sock, 1024), 2.0)
-                    assert chunk, f"closed after {len(got)} bytes"
-                    got += chunk
-                    await asyncio.sleep(0.1)
-                head_end = got.find(b"\r\n\r\n") + 4
-                assert got.startswith(b"HTTP/1.1 200 ") and head_end > 4, got[:200]
-                async with asyncio.timeout(10):
-                    while len(got) < head_end + len(body):
-                        chunk = await loop.sock_recv(sock, 65536)
-                        if not chunk:
-                            break
-                        got += chunk
-            except ConnectionError as exc:
-                raise AssertionError(f"cut off after {len(got)} bytes: {exc!r}")
-            finally:
-                sock.close()
-            assert len(got) - head_end == len(body), \
-                f"a client still taking its answer got {len(got) - head_end} of {len(body)}"
-
+            got, why = await _slow_reader(asyncio.get_running_loop(), g.proxy_server.port,
+                                          g.gw.proxy_server, 1024, 0.1, 4.5, len(body),
+                                          "/public/small")
+    assert (got, why) == (len(body), None), \
+        f"a client still taking its answer got {got} of {len(body)} bytes: {why}"
 
 async def _slow_reader(loop, port: int, server, per_read: int, every: float, for_s: float,
-                       length: int) -> tuple[int, str | None]:
-    """A client (4 KiB receive buffer, keygate's side given a 4 KiB send buffer) reading
-    ``per_read`` bytes every ``every`` s for ``for_s`` s, then the rest at once; the body
-    bytes it got and why it stopped early, if it did."""
+                       length: int, path: str = "/public/stream") -> tuple[int, str | None]:
+    """A client (4 KiB receive buffer, keygate's side given a 4 KiB send buffer: the kernel's
+    autotuning grows it to megabytes on loopback) asking for ``path`` and reading ``per_read``
+    bytes every ``every`` s for ``for_s`` s, then the rest at once; the body bytes it got and
+    why it stopped early, if it did."""
     import socket
     from harness import eventually
     sock = socket.socket()
@@ -1046,7 +992,7 @@ async def _slow_reader(loop, port: int, server, per_read: int, every: float, for
         socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     got = bytearray()
     try:
-        await loop.sock_sendall(sock, b"GET /public/stream HTTP/1.1\r\nHost: g\r\n\r\n")
+        await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: g\r\n\r\n".encode())
         started = time.monotonic()
         while time.monotonic() - started < for_s:
             chunk = await asyncio.wait_for(loop.sock_recv(sock, per_read), 3.0)
