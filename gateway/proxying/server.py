@@ -18,6 +18,7 @@ tests/test_edge_*.py say so); an upgrade that changes ``start`` only turns the c
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import hashlib
 import inspect
@@ -120,32 +121,47 @@ def _head_size(message) -> int:
         len(name) + len(value) + 4 for name, value in message.raw_headers)
 
 
-def _taken(transport) -> int:
-    """A count that grows as the peer of ``transport`` takes what was written to it: on Linux
-    TCP, the bytes its kernel acknowledged (``TCP_INFO``'s ``tcpi_bytes_acked``: once its
-    receive buffer is full, only what its application reads lets more in). Elsewhere, less
-    left to take (the transport's buffer, negated), which bytes still written after a pause
-    hide. Read when a write stall's timer fires or a closed connection is swept, not per
-    write.
+def _taken(transport) -> tuple[int, int]:
+    """(taken, sent): counts that tell whether the peer of ``transport`` has taken any of
+    what was written to it since an earlier look: it has if ``taken`` now is over ``sent``
+    then. On Linux TCP, ``taken`` is the bytes its kernel acknowledged (``TCP_INFO``'s
+    ``tcpi_bytes_acked``) and ``sent`` those plus the bytes in flight (``SIOCOUTQ`` less
+    ``SIOCOUTQNSD``), which its kernel acknowledges into its receive buffer whether its
+    application reads or not: anything acknowledged beyond them was let in by a read.
+    Elsewhere both are the transport's buffer, negated (less left: taken), which bytes still
+    written after a pause hide. Read when a write stall's timer fires or a closed connection
+    is swept, not per write.
 
     Neither the transport's buffer nor the socket's send queue will do: the buffer does not
     move while a slow reader takes bytes (the kernel asks for more only once a third of a
     send buffer, megabytes on a fast link, is free), and aiohttp's writer goes on adding to it
-    after a pause, up to its own 64 KiB limit, which hid a steady reader's bytes."""
+    after a pause, up to its own 64 KiB limit, which hid a steady reader's bytes. Nor the
+    acknowledged bytes alone: those in flight at the first look are acknowledged later, and a
+    client that never read looked like one that did."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         try:
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+            if len(info) >= _TCP_INFO_LEN:
+                acked = struct.unpack_from("Q", info, _BYTES_ACKED)[0]
+                fd = sock.fileno()
+                in_flight = _ioctl_int(fd, _OUTQ) - _ioctl_int(fd, _OUTQ_NOT_SENT)
+                return acked, acked + max(in_flight, 0)
         except (OSError, AttributeError, ValueError):  # closed, not TCP, not Linux
-            info = b""
-        if len(info) >= _TCP_INFO_LEN:
-            return struct.unpack_from("Q", info, _BYTES_ACKED)[0]
-    return -transport.get_write_buffer_size()
+            pass
+    left = -transport.get_write_buffer_size()
+    return left, left
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
 
 
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a u64 at byte 120 (Linux 4.1 and later)
 _BYTES_ACKED = 120
 _TCP_INFO_LEN = _BYTES_ACKED + 8
+_OUTQ = 0x5411           # SIOCOUTQ (TIOCOUTQ): bytes not yet acknowledged, sent or not
+_OUTQ_NOT_SENT = 0x894B  # SIOCOUTQNSD: bytes not yet sent
 
 
 class BodyFramingBroken(ConnectionResetError):
@@ -166,7 +182,7 @@ class _JsonErrorRequestHandler(RequestHandler):
     _head_since: float | None = None
     _last_payload = None  # the body stream of the newest request parsed on this connection
     _write_stall: asyncio.TimerHandle | None = None  # armed while the client takes no bytes
-    _stall_mark = 0  # _taken(transport) when that timer was last armed
+    _stall_mark = 0  # _taken(transport)'s sent when that timer was last armed
     _chunked = None   # the body stream of a chunked request whose end is not judged yet
     _before = b""     # the connection's read before the latest (its last _RECENT bytes)
     _latest = b""     # and its latest (likewise)
@@ -182,7 +198,7 @@ class _JsonErrorRequestHandler(RequestHandler):
     upstream_wait: asyncio.Timeout | asyncio.Future | None = None
     _kept = None      # the connection's transport, kept past force_close (it drops .transport)
     _unflushed_since: float | None = None  # when the sweep first saw it closed, bytes unsent
-    _flush_mark = 0  # _taken(transport) then (or when its client last took some)
+    _flush_mark = 0  # _taken(transport)'s sent then (or when its client last took some)
     # bytes held behind an upgrade not yet answered (aiohttp's _message_tail) whose first
     # HEAD_MAX hold no end of a head: never parsed if declined (None: not judged yet)
     _tail_over: bool | None = None
@@ -666,7 +682,7 @@ class _JsonErrorRequestHandler(RequestHandler):
         super().pause_writing()
         timeout = getattr(self._manager, "write_timeout", None)
         if timeout and self._write_stall is None:
-            self._stall_mark = _taken(self.transport)
+            self._stall_mark = _taken(self.transport)[1]
             self._write_stall = self._loop.call_later(timeout, self._reader_stalled, timeout)
         if self._tunnel is not None:  # the upstream waits until the client takes these
             self._tunnel.client_paused()
@@ -686,8 +702,8 @@ class _JsonErrorRequestHandler(RequestHandler):
         paused all along; its download was cut short). See ``_taken``."""
         self._write_stall = None
         transport = self.transport
-        if transport is not None and (taken := _taken(transport)) > self._stall_mark:
-            self._stall_mark = taken
+        if transport is not None and (look := _taken(transport))[0] > self._stall_mark:
+            self._stall_mark = look[1]
             self._write_stall = self._loop.call_later(timeout, self._reader_stalled, timeout)
             return
         if transport is not None:
@@ -774,11 +790,11 @@ class _JsonErrorRequestHandler(RequestHandler):
         if transport is None or not transport.is_closing() \
                 or not transport.get_write_buffer_size():
             return False
-        taken = _taken(transport)
+        taken, sent = _taken(transport)
         if self._unflushed_since is None or taken > self._flush_mark:
             # (first seen, or the client took bytes since: a slow reader finishing its
             # download is no stalled one) the timeout runs from now
-            self._unflushed_since, self._flush_mark = now, taken
+            self._unflushed_since, self._flush_mark = now, sent
         return now - self._unflushed_since >= timeout
 
     def waiting_since(self) -> float | None:
