@@ -596,10 +596,14 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
             # another. A share of 503s is no measure of it on a loaded machine (its re-reads use
             # the loop's CPU, and the loop waits for a CPU too: 175 of 506 once, all "starved";
             # a bound of a fifth of the requests failed a loaded run of the suite). The
-            # reads are counted where they land: 4-8 in 3.2-7.5 s here, 57 in 3.5 s with reads
-            # one after another (and no read in the background); at most ten a second by
-            # design (REREAD_GAP), a few a second in practice
-            assert reads <= 4 * read_window + 4, (reads, read_window)
+            # reads are counted where they land: 57 in 3.5 s with reads one after another (and
+            # no read in the background); at most one per REREAD_GAP by design (10 a second),
+            # the survivors' one CLUSTER SLOTS each. A quiet machine makes them at about that
+            # pace until the promotion (16-22 in 3.0-3.4 s), a loaded one fewer (4-8 in
+            # 3.2-7.5 s): a bound of 4 a second held only on the slower machines.
+            from gateway.redis_topology import _cluster_class
+            gap = _cluster_class().REREAD_GAP
+            assert reads <= read_window / gap + 4, (reads, read_window)
     finally:
         servers.stop_all()
 
