@@ -390,6 +390,38 @@ async def test_a_sentinel_clients_loose_first_skew_reading_is_read_again_soon(
         await client.close()
 
 
+async def test_a_sentinel_clients_clock_reading_across_a_stall_keeps_the_offset(
+        sentinel_group, monkeypatch) -> None:
+    """As for a standalone connection (test_store_faults): a TIME reading whose reply the
+    loop read 0.4 s late made the offset 0.4 s too small, every deadline that much early
+    until the next reading. An offset known already and within the reading's bounds is
+    kept."""
+    from gateway.store import clients
+    client = clients.TopologyClient(sentinel_group["url"], timeout=2.0)
+    read_time, stalls = client.redis.time, []
+
+    async def stalled():  # the reply is in; the loop stalls before it is read
+        reply = await read_time()
+        if stalls:
+            time.sleep(stalls.pop())
+        return reply
+    client.redis.time = stalled
+    try:
+        async def offset_known():
+            return client.clock_offset is not None  # reading it starts a measurement
+        assert await eventually(offset_known)
+        known, stalls[:] = client.clock_offset, [0.4]
+        client.measure_clock()
+
+        async def read_again():
+            client.clock_offset  # noqa: B018  (as every request reads it)
+            return not stalls and client._measuring is None
+        assert await eventually(read_again)
+        assert client.clock_offset >= known - 0.005, client.clock_offset - known
+    finally:
+        await client.close()
+
+
 async def test_sentinel_down_is_503_and_not_ready(upstream, monkeypatch) -> None:
     url = f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/{MASTER}"
     async with gateway_under_test(make_config(str(upstream.make_url(""))), url,

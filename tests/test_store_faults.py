@@ -845,6 +845,47 @@ async def test_a_clock_offset_measured_across_a_pause_is_never_too_large(own_red
         await client.close()
 
 
+async def test_a_clock_reading_across_a_stall_of_the_loop_does_not_bring_deadlines_early(
+        upstream, own_redis, monkeypatch):
+    """A counting call carries its deadline in Redis's clock, from the offset last read. A
+    reading whose reply this loop read late (it stalled between the reply's arrival and its
+    read: a collection, a starved CPU, a burst's work) came out too small by the stall and was
+    taken all the same: until the next reading a minute later, every deadline came that much
+    early, and calls Redis ran in time were answered 503 as "late" (11 of 160 requests after a
+    cold burst on a loaded machine). A reading now only narrows what is known: the offset lies
+    between Redis's time less the arrival and Redis's time less the sending, and an offset
+    known already within those bounds is kept."""
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=0.6))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        token, _ = await g.key()
+        [(status, _, _)] = await _status_codes(g, [token])
+        assert status == 200
+        resp = g.gw.requests._resp
+        await eventually(lambda: resp.clock_offset is not None)
+        readings, read = [], resp._clock_read
+
+        def counted(*args):
+            read(*args)
+            readings.append(resp.clock_offset)
+        monkeypatch.setattr(resp, "_clock_read", counted)
+        known = resp.clock_offset
+        resp.measure_clock()  # TIME written now; the loop stalls before its reply is read
+        time.sleep(0.4)
+        await eventually(lambda: readings)
+        assert resp.clock_offset >= known - 0.005, resp.clock_offset - known
+        # a call Redis runs 0.25 s late, well within the deadline (0.48 s): counted, 200
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            answered = asyncio.ensure_future(_status_codes(g, [token]))
+            await asyncio.sleep(0.25)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        [(status, code, _)] = await answered
+        assert (status, code) == (200, None)
+    assert _month_count(own_redis.url, "acme") == 2
+
+
 async def test_the_skew_to_redis_s_clock_is_read_again_every_minute(own_redis, monkeypatch):
     """A request's "now" is this host's clock plus its skew to Redis's (TIME), read at each
     connect: a host clock stepped or drifting afterwards would skew every replica's time

@@ -180,10 +180,10 @@ class TopologyClient(ClockSkew):
 
     async def _measure_offset(self) -> None:
         try:
-            sent = time.time()
+            sent, sent_mono = time.time(), time.monotonic()
             reply = await self.redis.time()
             arrived = time.time()
-            self._offset = clock_offset(reply, time.monotonic())
+            self._offset = clock_offset(reply, sent_mono, time.monotonic(), self._offset)
             self._offset_at = time.monotonic()
             if self._take_skew(reply, sent, arrived):  # too loose: read again soon
                 self._offset_at = time.monotonic() - OFFSET_MAX_AGE + CLOCK_READ_AGAIN_AFTER

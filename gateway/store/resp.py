@@ -69,17 +69,27 @@ class TimedOut(ConnectionError):
         self.late = late
 
 
-def clock_offset(time_reply: Any, arrived: float) -> float:
-    """Redis's clock minus our ``time.monotonic()``, seconds, from a TIME reply that reached
-    us at ``arrived`` (monotonic; so a step of this host's wall clock cannot move it).
+def clock_offset(time_reply: Any, sent: float, arrived: float,
+                 known: float | None = None) -> float:
+    """Redis's clock minus our ``time.monotonic()``, seconds, from a TIME reply to a command
+    sent at ``sent`` that reached us at ``arrived`` (both monotonic; so a step of this host's
+    wall clock cannot move it), and the offset ``known`` from earlier readings (None: none).
 
-    Redis read its clock at some instant between sending and arrival; taking the arrival
-    makes the offset at most one round trip too small, never too large. The per-request
-    deadline built on it can then come early, never late. Halfway through the round trip
-    was wrong by half of any stall: a connection opened while Redis is paused hears TIME
-    only when it wakes, and its deadlines then fell after the client had given up."""
+    Redis read its clock at some instant between sending and arrival: the offset lies between
+    Redis's time less ``arrived`` and Redis's time less ``sent``. ``known`` within those
+    bounds is kept; else the lower one is taken, at most one round trip too small, never too
+    large. The per-request deadline built on it can then come early, never late. Halfway
+    through the round trip was wrong by half of any stall: a connection opened while Redis
+    is paused hears TIME only when it wakes, and its deadlines then fell after the client had
+    given up. And a reply this loop read late (it stalled meanwhile: a collection, a starved
+    CPU) made the lower bound too small by the stall; taken as the offset, every deadline
+    came that much early until the next reading, calls run in time answered "late"."""
     seconds, micros = time_reply
-    return int(seconds) + int(micros) / 1e6 - arrived
+    redis = int(seconds) + int(micros) / 1e6
+    low = redis - arrived
+    if known is not None and low <= known <= redis - sent:
+        return known
+    return low
 
 
 # Every this many seconds a connection reads Redis's clock again (TIME, from the watchdog's
@@ -405,9 +415,9 @@ class RespClient(ClockSkew):
             # is known one round trip later.
             fut = loop.create_future()
             proto.sent(fut)
-            sent = time.time()
+            sent, sent_mono = time.time(), time.monotonic()
             proto.transport.write(_encode(("TIME",)))
-            fut.add_done_callback(lambda fut: self._clock_read(fut, sent))
+            fut.add_done_callback(lambda fut: self._clock_read(fut, sent, sent_mono))
         except BaseException:  # refused, stuck, lost, or close() cancelled us: never leak it
             proto.abort(ConnectionError("connection to Redis not set up"))
             raise
@@ -418,17 +428,19 @@ class RespClient(ClockSkew):
     def measure_clock(self) -> None:
         """Measure ``clock_offset`` and ``clock_skew`` again (one TIME call, not awaited):
         after a clock step, and every CLOCK_MAX_AGE s."""
-        sent = time.time()
-        self.call("TIME").add_done_callback(lambda fut: self._clock_read(fut, sent))
+        sent, sent_mono = time.time(), time.monotonic()
+        self.call("TIME").add_done_callback(lambda fut: self._clock_read(fut, sent, sent_mono))
 
-    def _clock_read(self, fut: asyncio.Future, sent: float) -> None:
+    def _clock_read(self, fut: asyncio.Future, sent: float, sent_mono: float) -> None:
         """``clock_offset`` and ``clock_skew`` from a TIME reply sent at ``sent``
-        (``time.time()``): :func:`clock_offset`, :func:`clock_skew`."""
+        (``time.time()``; ``sent_mono``, ``time.monotonic()``): :func:`clock_offset`,
+        :func:`clock_skew`."""
         if fut.cancelled() or fut.exception() is not None:
             return  # lost with the connection, or TIME refused (an ACL): keep what we had
         arrived = time.time()
         try:
-            self.clock_offset = clock_offset(fut.result(), time.monotonic())
+            self.clock_offset = clock_offset(fut.result(), sent_mono, time.monotonic(),
+                                             self.clock_offset)
             if self._take_skew(fut.result(), sent, arrived):  # too loose: read again soon
                 self._clock_asked_at = (time.monotonic() - CLOCK_MAX_AGE
                                         + CLOCK_READ_AGAIN_AFTER)
