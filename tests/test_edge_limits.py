@@ -1057,6 +1057,54 @@ async def test_a_slow_steady_reader_of_a_streamed_answer_in_small_chunks_is_not_
             assert [why for _, why in results] == [None] * 3, results
             assert [n for n, _ in results] == [len(piece) * pieces] * 3
 
+async def test_a_client_not_reading_its_answer_does_not_hold_the_upstream_connection(
+        redis_url, monkeypatch):
+    """An answer the upstream has sent whole needs its connection no more. It was held until
+    the client had taken the answer's last bytes: with upstreams.max_connections 1, one
+    client that read nothing of a 200 KiB answer held the only connection for as long as
+    its write-stall timer allowed (about two body timeouts) and every other request waited
+    for it, then 504. The connection now goes back to the pool as soon as the whole answer
+    is in (nginx's proxy_buffering does the same), while the rest of the answer is written
+    to the slow client as it takes it."""
+    from aiohttp import web
+    from gateway.config import Route, ServerConfig, Timeouts, Upstream
+    from harness import gateway_under_test, make_config, serving
+    piece, pieces = b"z" * 8192, 25
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        if request.path == "/public/small":
+            resp.content_length = 2
+            await resp.prepare(request)
+            await resp.write(b"ok")
+            return resp
+        resp.content_length = len(piece) * pieces
+        await resp.prepare(request)
+        for _ in range(pieces):  # in pieces: not whole with its head
+            await resp.write(piece)
+            await asyncio.sleep(0.002)
+        return resp
+
+    routes = (Route("/public/**", "api", ("GET",), (), True),)
+    async with serving(answer) as url:
+        config = make_config(url, routes=routes, server=ServerConfig(
+            host="127.0.0.1", timeouts=Timeouts(header=5.0, body=10.0, idle=15.0)),
+            upstreams={"api": Upstream("api", url, 2.0, max_connections=1)})
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            loop = asyncio.get_running_loop()
+            # reads its head (4 KiB) and then nothing for 3 s, then all of it
+            slow = asyncio.ensure_future(_slow_reader(
+                loop, g.proxy_server.port, g.gw.proxy_server, 4096, 3.0, 3.0,
+                len(piece) * pieces, path="/public/big"))
+            await asyncio.sleep(0.5)  # its answer is all in keygate by now
+            started = time.monotonic()
+            async with g.proxy.get("/public/small") as r:
+                assert (r.status, await r.read()) == (200, b"ok")
+            assert time.monotonic() - started < 1.0
+            assert not slow.done()  # still not reading
+            assert await slow == (len(piece) * pieces, None)  # and then it got it all
+
+
 async def _pipeline_until_a_tail_is_stuck(port: int, server, request: bytes):
     """A raw client with a tiny receive buffer that never reads: it sends ``request`` again
     and again, each once the last was answered, until the kernel buffers are full and an

@@ -130,6 +130,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.reading_paused = False
         self.body_waiter: asyncio.Future | None = None
+        # told (a loop turn later) when the whole answer is in: the response streaming it
+        # (UpstreamResponse._whole), which gives the connection back at once
+        self.on_complete: Callable[[], object] | None = None
         self.error: Exception | None = None
         self.write_ok: asyncio.Future | None = None  # set while the transport is paused
         self.skip_body = False                       # HEAD: the head ends the message
@@ -332,6 +335,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.complete = True
         self._wake()
+        if self.on_complete is not None:  # (not from within the parser's callback)
+            self.loop.call_soon(self.on_complete)
 
     # -- helpers --
     def _wake(self) -> None:
@@ -458,6 +463,8 @@ class UpstreamResponse:
         self.keep_alive = conn.keep_alive and not conn.skip_body
         self._done = False
         self._sender = conn.sender
+        # the body's tail once the whole answer was in and its connection went back (_whole)
+        self._rest: collections.deque[bytes] | None = None
 
     @property
     def sender(self) -> asyncio.Future | None:
@@ -492,8 +499,14 @@ class UpstreamResponse:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         conn = self._conn
+        conn.on_complete = self._whole
         try:
             while True:
+                rest = self._rest
+                if rest is not None:  # all in, the connection gone back: the tail from here
+                    while rest:
+                        yield rest.popleft()
+                    return
                 if conn.chunks:
                     chunk = conn.chunks.popleft()
                     conn.buffered -= len(chunk)
@@ -506,25 +519,45 @@ class UpstreamResponse:
                     raise conn.error
                 if conn.complete:
                     break
-                conn.body_waiter = conn.loop.create_future()
-                await conn.body_waiter
-                conn.body_waiter = None
+                waiter = conn.body_waiter = conn.loop.create_future()
+                await waiter
+                if conn.body_waiter is waiter:
+                    conn.body_waiter = None
         except BaseException:
-            conn.close()
+            self.close()
             raise
         self.release()
 
+    def _whole(self) -> None:
+        """The upstream's whole answer is in (``on_message_complete``): its connection is
+        given back now, the body's tail kept here, however long the client takes to read it.
+        Held until the client had taken the last bytes, one client reading nothing held a
+        connection for as long as its write-stall timer allowed, and with the upstream's
+        ``max_connections`` taken so, every other request waited, then 504 (nginx's
+        proxy_buffering frees it the same way). Not while the request body is still being
+        sent: that connection is closed, not reused, and its sender stopped at the end."""
+        conn = self._conn
+        if self._done or conn.closed or not conn.complete or conn.error is not None \
+                or not self._body_sent[0]:
+            return
+        self._rest, conn.chunks = conn.chunks, collections.deque()
+        conn.buffered = 0
+        self.release()
+
     def release(self) -> None:
-        """Back to the pool if reusable, else closed."""
+        """Back to the pool if reusable, else closed. Once: the connection may be another
+        request's by the next call."""
+        if self._done:
+            return
         conn = self._conn
         self._done = True
+        conn.on_complete = None
         if conn.closed:
             return
         if self.keep_alive and conn.complete and conn.error is None and self._body_sent[0]:
             self._pool.take_back(conn)
         else:
             conn.close()
-
 
     def close(self) -> None:
         """Abandon the response: its connection is closed unless already released (so that

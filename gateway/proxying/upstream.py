@@ -163,6 +163,7 @@ class UpstreamPool:
             conn.close()
             return
         conn.head, conn.complete, conn.error, conn.got_bytes = None, False, None, False
+        conn.on_complete = None
         conn.head_bytes = 0
         if conn.reading_paused:  # a whole body taken while reading was paused
             conn.reading_paused = False
