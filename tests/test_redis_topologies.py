@@ -357,6 +357,19 @@ async def test_sentinel_gateway_serves_follows_failover_and_revokes(
         n.close()
 
 
+def _stall_time_readings(client, stalls: list[float]) -> None:
+    """Each of ``client``'s next TIME readings, while ``stalls`` holds any, stalls the loop
+    (blocking) for the last of them once the reply is in, before it is read."""
+    read_time = client.redis.time
+
+    async def stalled():
+        reply = await read_time()
+        if stalls:
+            time.sleep(stalls.pop())
+        return reply
+    client.redis.time = stalled
+
+
 async def test_a_sentinel_clients_loose_first_skew_reading_is_read_again_soon(
         sentinel_group, monkeypatch) -> None:
     """As for a standalone connection (test_store_faults): the first TIME reading is used
@@ -368,14 +381,7 @@ async def test_a_sentinel_clients_loose_first_skew_reading_is_read_again_soon(
     monkeypatch.setattr(clients, "time", types.SimpleNamespace(
         time=lambda: time.time() - behind, monotonic=time.monotonic))
     client = clients.TopologyClient(sentinel_group["url"], timeout=2.0)
-    read_time, stalls = client.redis.time, [1]
-
-    async def stalled_once():  # the reply is in; the loop stalls before it is read
-        reply = await read_time()
-        if stalls:
-            time.sleep(stalls.pop())
-        return reply
-    client.redis.time = stalled_once
+    _stall_time_readings(client, [1])
     try:
         async def offset_known():
             return client.clock_offset is not None  # reading it starts a measurement
@@ -398,14 +404,8 @@ async def test_a_sentinel_clients_clock_reading_across_a_stall_keeps_the_offset(
     kept."""
     from gateway.store import clients
     client = clients.TopologyClient(sentinel_group["url"], timeout=2.0)
-    read_time, stalls = client.redis.time, []
-
-    async def stalled():  # the reply is in; the loop stalls before it is read
-        reply = await read_time()
-        if stalls:
-            time.sleep(stalls.pop())
-        return reply
-    client.redis.time = stalled
+    stalls: list[float] = []
+    _stall_time_readings(client, stalls)
     try:
         async def offset_known():
             return client.clock_offset is not None  # reading it starts a measurement
