@@ -1105,6 +1105,177 @@ async def test_a_client_not_reading_its_answer_does_not_hold_the_upstream_connec
             assert await slow == (len(piece) * pieces, None)  # and then it got it all
 
 
+async def test_answers_held_for_slow_clients_are_bounded_in_all(redis_url, monkeypatch):
+    """An answer's tail held after its upstream connection went back costs memory for as
+    long as its client takes to read it: up to ~256 KiB each, and with 10000 client
+    connections ~2.5 GiB. They are bounded in all (DETACHED_MAX, here made one and a half
+    answers' tails): past it, an answer's connection waits for its client as before. What a client took, or never
+    took because it went away, is counted no more."""
+    from aiohttp import web
+    from gateway.proxying import connection
+    from harness import serving
+    piece, pieces = b"z" * 8192, 25
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        small = request.path == "/public/small"
+        resp.content_length = 2 if small else len(piece) * pieces
+        await resp.prepare(request)
+        for _ in range(1 if small else pieces):  # in pieces: not whole with its head
+            await resp.write(b"ok" if small else piece)
+            await asyncio.sleep(0.002)
+        return resp
+
+    routes = (Route("/public/**", "api", ("GET",), (), True),)
+    async with serving(answer) as url:
+        config = make_config(url, routes=routes, server=ServerConfig(
+            host="127.0.0.1", timeouts=Timeouts(header=5.0, body=10.0, idle=15.0)),
+            upstreams={"api": Upstream("api", url, 1.0, max_connections=1)})
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            loop = asyncio.get_running_loop()
+
+            def slow(for_s: float) -> asyncio.Future:  # its head, then nothing for for_s
+                return asyncio.ensure_future(_slow_reader(
+                    loop, g.proxy_server.port, g.gw.proxy_server, 4096, for_s, for_s,
+                    len(piece) * pieces, path="/public/big"))
+
+            async def small() -> int:
+                async with g.proxy.get("/public/small") as r:
+                    return r.status
+            first = slow(4.0)
+            await asyncio.sleep(0.5)
+            held = connection._detached
+            assert held > 0  # its tail (what the kernel and the transport did not take)
+            monkeypatch.setattr(connection, "DETACHED_MAX", held + held // 2)
+            assert await small() == 200
+            second = slow(4.0)  # its tail would pass the bound: it keeps the connection
+            await asyncio.sleep(0.5)
+            assert connection._detached == held
+            assert await small() == 504  # waited the upstream timeout for it
+            assert await first == (len(piece) * pieces, None)
+            assert await second == (len(piece) * pieces, None)
+            assert connection._detached == 0
+            # one that goes away without reading more: its tail is counted no more
+            gone = slow(30.0)
+            assert await eventually(lambda: connection._detached > 0)
+            gone.cancel()  # (its socket closed, unread bytes in it: a reset)
+            assert await eventually(lambda: connection._detached == 0)
+            assert await small() == 200
+
+
+def _dechunk(data: bytes) -> tuple[bytes, bytes]:
+    """A chunked body's content, and what follows its last chunk (the trailers' end)."""
+    out, at = bytearray(), 0
+    while True:
+        eol = data.index(b"\r\n", at)
+        size = int(data[at:eol].split(b";")[0], 16)
+        at = eol + 2
+        if size == 0:
+            return bytes(out), data[at:]
+        out += data[at:at + size]
+        assert data[at + size:at + size + 2] == b"\r\n"
+        at += size + 2
+
+
+async def test_an_answer_given_back_early_reaches_its_client_whole_after_a_103_with_trailers_pipelined(
+        redis_url, monkeypatch):
+    """A raw upstream (max_connections 1) answers /public/big with a 103, then a chunked
+    200 KiB body (each piece distinct) and a trailer; /public/small with 5 bytes. Client A
+    (a raw socket, 4 KiB buffers) sends /public/big and, pipelined, /public/small, then reads
+    nothing for 1.5 s. Meanwhile client B's /public/small must be answered on the upstream
+    connection A's answer no longer needs, and then A must get exactly its own two answers,
+    whole, in order. The upstream must see the three requests, each whole, one after the
+    other on one connection."""
+    import socket
+    from aiohttp import ClientSession
+    from gateway.config import Route, ServerConfig, Timeouts, Upstream
+    from harness import gateway_under_test, make_config
+
+    pieces = [bytes([65 + i % 26]) * 8000 + b"%05d" % i for i in range(25)]
+    big = b"".join(pieces)
+    seen: list[list[bytes]] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads: list[bytes] = []
+        seen.append(heads)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                heads.append(head)
+                if b" /public/big " in head:
+                    writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n")
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                                 b"Content-Type: application/octet-stream\r\n\r\n")
+                    for p in pieces:
+                        writer.write(b"%x\r\n%s\r\n" % (len(p), p))
+                        await writer.drain()
+                        await asyncio.sleep(0.002)
+                    writer.write(b"0\r\nX-Checksum: abc\r\n\r\n")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    routes = (Route("/public/**", "api", ("GET",), (), True),)
+    config = make_config(url, routes=routes, server=ServerConfig(
+        host="127.0.0.1", timeouts=Timeouts(header=5.0, body=10.0, idle=15.0)),
+        upstreams={"api": Upstream("api", url, 2.0, max_connections=1)})
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            loop = asyncio.get_running_loop()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            before = set(g.gw.proxy_server.connections)
+            await loop.sock_connect(sock, ("127.0.0.1", g.proxy_server.port))
+            assert await eventually(lambda: set(g.gw.proxy_server.connections) - before, 5)
+            [handler] = set(g.gw.proxy_server.connections) - before
+            handler.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            await loop.sock_sendall(sock, b"GET /public/big HTTP/1.1\r\nHost: g\r\n\r\n"
+                                          b"GET /public/small HTTP/1.1\r\nHost: g\r\n\r\n")
+            await asyncio.sleep(0.6)  # A's answer is all in keygate; A reads nothing
+            async with ClientSession() as b:
+                started = time.monotonic()
+                async with b.get(f"http://127.0.0.1:{g.proxy_server.port}/public/small") as r:
+                    assert (r.status, await r.read()) == (200, b"small")
+                assert time.monotonic() - started < 1.0
+            await asyncio.sleep(0.9)
+            got = bytearray()
+            async with asyncio.timeout(20):
+                while got.count(b"small") < 1 or not got.endswith(b"small"):
+                    chunk = await loop.sock_recv(sock, 1 << 20)
+                    if not chunk:
+                        break
+                    got += chunk
+            sock.close()
+        got = bytes(got)
+        assert got.startswith(b"HTTP/1.1 200 "), got[:300]
+        head_end = got.index(b"\r\n\r\n") + 4
+        head = got[:head_end].lower()
+        assert b"transfer-encoding: chunked" in head, head
+        body, rest = _dechunk(got[head_end:])
+        assert body == big, (len(body), len(big))
+        assert b"X-Checksum" not in rest
+        assert rest.startswith(b"\r\nHTTP/1.1 200 ") or rest.startswith(b"HTTP/1.1 200 "), \
+            rest[:200]
+        second = rest[rest.index(b"HTTP/1.1"):]
+        assert second.endswith(b"\r\n\r\nsmall"), second
+        assert second.count(b"HTTP/1.1") == 1
+        # the upstream: one connection, the three requests one after the other
+        requests = [h for heads in seen for h in heads]
+        assert len(requests) == 3, seen
+        assert [h.split(b" ")[1] for h in requests].count(b"/public/small") == 2
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def _pipeline_until_a_tail_is_stuck(port: int, server, request: bytes):
     """A raw client with a tiny receive buffer that never reads: it sends ``request`` again
     and again, each once the last was answered, until the kernel buffers are full and an

@@ -18,6 +18,13 @@ from typing import AsyncIterator, Awaitable, Callable, Protocol
 import httptools
 
 HIGH_WATER = 256 * 1024
+# Bytes of answers held for clients after their upstream connection went back
+# (UpstreamResponse._whole), in this process: each at most ~HIGH_WATER, and at most this many
+# in all. Past it an answer's connection waits for its client to take it, as before: memory
+# stays bounded whatever number of clients read slowly (with ``server.max_connections`` at
+# 10000, ~2.5 GiB otherwise).
+DETACHED_MAX = 64 * 1024 * 1024
+_detached = 0
 MAX_HEAD = 1024 * 1024  # bytes read before the response head is complete (1xx included)
 
 BodySource = Callable[[], Awaitable[bytes]]  # returns b"" at the end
@@ -463,8 +470,10 @@ class UpstreamResponse:
         self.keep_alive = conn.keep_alive and not conn.skip_body
         self._done = False
         self._sender = conn.sender
-        # the body's tail once the whole answer was in and its connection went back (_whole)
+        # the body's tail once the whole answer was in and its connection went back (_whole),
+        # and its bytes not yet handed out (counted in _detached)
         self._rest: collections.deque[bytes] | None = None
+        self._rest_bytes = 0
 
     @property
     def sender(self) -> asyncio.Future | None:
@@ -498,6 +507,7 @@ class UpstreamResponse:
         return None
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        global _detached
         conn = self._conn
         conn.on_complete = self._whole
         try:
@@ -505,7 +515,10 @@ class UpstreamResponse:
                 rest = self._rest
                 if rest is not None:  # all in, the connection gone back: the tail from here
                     while rest:
-                        yield rest.popleft()
+                        chunk = rest.popleft()
+                        self._rest_bytes -= len(chunk)
+                        _detached -= len(chunk)
+                        yield chunk
                     return
                 if conn.chunks:
                     chunk = conn.chunks.popleft()
@@ -526,6 +539,9 @@ class UpstreamResponse:
         except BaseException:
             self.close()
             raise
+        finally:  # a tail the client never took (gone, cut off) is counted no more
+            _detached -= self._rest_bytes
+            self._rest_bytes = 0
         self.release()
 
     def _whole(self) -> None:
@@ -535,13 +551,16 @@ class UpstreamResponse:
         connection for as long as its write-stall timer allowed, and with the upstream's
         ``max_connections`` taken so, every other request waited, then 504 (nginx's
         proxy_buffering frees it the same way). Not while the request body is still being
-        sent: that connection is closed, not reused, and its sender stopped at the end."""
+        sent: that connection is closed, not reused, and its sender stopped at the end. Nor
+        while the answers held so would exceed ``DETACHED_MAX``."""
+        global _detached
         conn = self._conn
         if self._done or conn.closed or not conn.complete or conn.error is not None \
-                or not self._body_sent[0]:
+                or not self._body_sent[0] or _detached + conn.buffered > DETACHED_MAX:
             return
         self._rest, conn.chunks = conn.chunks, collections.deque()
-        conn.buffered = 0
+        self._rest_bytes, conn.buffered = conn.buffered, 0
+        _detached += self._rest_bytes
         self.release()
 
     def release(self) -> None:

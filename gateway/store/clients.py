@@ -24,8 +24,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..redis_topology import track_writes
 
-from .resp import (CLOCK_READ_AGAIN_AFTER, ClockSkew, RespClient, RespError, _bulk, _bulk_str4,
-                   _encode, clock_offset)
+from .resp import (CLOCK_OFFSET_MAX_RTT, CLOCK_READ_AGAIN_AFTER, ClockSkew, RespClient,
+                   RespError, _bulk, _bulk_str4, _encode, clock_offset)
 from .scripts import Script
 
 OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on a topology
@@ -182,11 +182,12 @@ class TopologyClient(ClockSkew):
         try:
             sent, sent_mono = time.time(), time.monotonic()
             reply = await self.redis.time()
-            arrived = time.time()
-            self._offset = clock_offset(reply, sent_mono, time.monotonic(), self._offset)
-            self._offset_at = time.monotonic()
-            if self._take_skew(reply, sent, arrived):  # too loose: read again soon
-                self._offset_at = time.monotonic() - OFFSET_MAX_AGE + CLOCK_READ_AGAIN_AFTER
+            arrived, arrived_mono = time.time(), time.monotonic()
+            self._offset = clock_offset(reply, arrived_mono)
+            self._offset_at = arrived_mono
+            loose = arrived_mono - sent_mono > CLOCK_OFFSET_MAX_RTT
+            if self._take_skew(reply, sent, arrived) or loose:  # read again soon
+                self._offset_at = arrived_mono - OFFSET_MAX_AGE + CLOCK_READ_AGAIN_AFTER
         except Exception:  # the store is down: keep the last offset, try again next call
             pass
         finally:

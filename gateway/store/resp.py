@@ -69,27 +69,20 @@ class TimedOut(ConnectionError):
         self.late = late
 
 
-def clock_offset(time_reply: Any, sent: float, arrived: float,
-                 known: float | None = None) -> float:
-    """Redis's clock minus our ``time.monotonic()``, seconds, from a TIME reply to a command
-    sent at ``sent`` that reached us at ``arrived`` (both monotonic; so a step of this host's
-    wall clock cannot move it), and the offset ``known`` from earlier readings (None: none).
+def clock_offset(time_reply: Any, arrived: float) -> float:
+    """Redis's clock minus our ``time.monotonic()``, seconds, from a TIME reply that reached
+    us at ``arrived`` (monotonic; so a step of this host's wall clock cannot move it).
 
-    Redis read its clock at some instant between sending and arrival: the offset lies between
-    Redis's time less ``arrived`` and Redis's time less ``sent``. ``known`` within those
-    bounds is kept; else the lower one is taken, at most one round trip too small, never too
-    large. The per-request deadline built on it can then come early, never late. Halfway
-    through the round trip was wrong by half of any stall: a connection opened while Redis
-    is paused hears TIME only when it wakes, and its deadlines then fell after the client had
-    given up. And a reply this loop read late (it stalled meanwhile: a collection, a starved
-    CPU) made the lower bound too small by the stall; taken as the offset, every deadline
-    came that much early until the next reading, calls run in time answered "late"."""
+    Redis read its clock at some instant between sending and arrival; taking the arrival
+    makes the offset at most one round trip too small, never too large. The per-request
+    deadline built on it can then come early, never late. Halfway through the round trip
+    was wrong by half of any stall: a connection opened while Redis is paused hears TIME
+    only when it wakes, and its deadlines then fell after the client had given up. A round
+    trip over ``CLOCK_OFFSET_MAX_RTT`` has the clock read again soon: a reply this loop read
+    late (a collection, a starved CPU) made the offset too small by the stall, every
+    deadline that much early."""
     seconds, micros = time_reply
-    redis = int(seconds) + int(micros) / 1e6
-    low = redis - arrived
-    if known is not None and low <= known <= redis - sent:
-        return known
-    return low
+    return int(seconds) + int(micros) / 1e6 - arrived
 
 
 # Every this many seconds a connection reads Redis's clock again (TIME, from the watchdog's
@@ -102,6 +95,13 @@ CLOCK_MAX_AGE = 60.0
 # not a minute later.
 CLOCK_READING_MAX_RTT = 0.5
 CLOCK_READ_AGAIN_AFTER = 1.0
+# A TIME reading whose round trip took longer than this made the offset (``clock_offset``)
+# up to that much too small, every counting call's deadline that much early: it is read
+# again CLOCK_READ_AGAIN_AFTER s later, not a minute later. Kept until then, a 0.4 s stall
+# of the loop while a reply waited unread had calls Redis ran in time answered "late" (503)
+# for a minute; an earlier offset is never kept instead, as Redis's clock may have stepped
+# back meanwhile (an offset too large: deadlines late, calls counted after their 503).
+CLOCK_OFFSET_MAX_RTT = 0.05
 # This host's wall clock moved this far against its monotonic one since the last reading (an
 # operator's `date -s`, an NTP step; NTP's slewing moves it at most ~30 ms in a minute): it
 # stepped, and Redis's clock is read again at once rather than at the next minute's reading.
@@ -437,13 +437,12 @@ class RespClient(ClockSkew):
         :func:`clock_skew`."""
         if fut.cancelled() or fut.exception() is not None:
             return  # lost with the connection, or TIME refused (an ACL): keep what we had
-        arrived = time.time()
+        arrived, arrived_mono = time.time(), time.monotonic()
         try:
-            self.clock_offset = clock_offset(fut.result(), sent_mono, time.monotonic(),
-                                             self.clock_offset)
-            if self._take_skew(fut.result(), sent, arrived):  # too loose: read again soon
-                self._clock_asked_at = (time.monotonic() - CLOCK_MAX_AGE
-                                        + CLOCK_READ_AGAIN_AFTER)
+            self.clock_offset = clock_offset(fut.result(), arrived_mono)
+            loose = arrived_mono - sent_mono > CLOCK_OFFSET_MAX_RTT
+            if self._take_skew(fut.result(), sent, arrived) or loose:  # read again soon
+                self._clock_asked_at = arrived_mono - CLOCK_MAX_AGE + CLOCK_READ_AGAIN_AFTER
         except (TypeError, ValueError):
             pass
 
