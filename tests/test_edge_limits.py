@@ -1057,6 +1057,50 @@ async def test_a_slow_steady_reader_of_a_streamed_answer_in_small_chunks_is_not_
             assert [why for _, why in results] == [None] * 3, results
             assert [n for n, _ in results] == [len(piece) * pieces] * 3
 
+_BIG = 8192 * 25  # /public/big's size (_one_connection_upstream)
+
+
+@contextlib.asynccontextmanager
+async def _one_connection_upstream(redis_url, monkeypatch, timeout: float):
+    """keygate in front of an upstream it may open one connection to (``timeout`` its
+    upstream timeout), answering /public/small with ``ok`` and /public/big with ``_BIG``
+    bytes in pieces (not whole with its head). Yields (g, slow, small): ``slow(for_s)``, a
+    task of a client that reads the head of /public/big, then nothing for ``for_s`` s, then
+    all of it (``_slow_reader``'s result); ``small()``, the status and body of
+    /public/small."""
+    from aiohttp import web
+    from harness import serving
+    piece = b"z" * 8192
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        small = request.path == "/public/small"
+        resp.content_length = 2 if small else _BIG
+        await resp.prepare(request)
+        for _ in range(1 if small else _BIG // len(piece)):  # not whole with its head
+            await resp.write(b"ok" if small else piece)
+            await asyncio.sleep(0.002)
+        return resp
+
+    routes = (Route("/public/**", "api", ("GET",), (), True),)
+    async with serving(answer) as url:
+        config = make_config(url, routes=routes, server=ServerConfig(
+            host="127.0.0.1", timeouts=Timeouts(header=5.0, body=10.0, idle=15.0)),
+            upstreams={"api": Upstream("api", url, timeout, max_connections=1)})
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            loop = asyncio.get_running_loop()
+
+            def slow(for_s: float) -> asyncio.Future:
+                return asyncio.ensure_future(_slow_reader(
+                    loop, g.proxy_server.port, g.gw.proxy_server, 4096, for_s, for_s, _BIG,
+                    path="/public/big"))
+
+            async def small() -> tuple[int, bytes]:
+                async with g.proxy.get("/public/small") as r:
+                    return r.status, await r.read()
+            yield g, slow, small
+
+
 async def test_a_client_not_reading_its_answer_does_not_hold_the_upstream_connection(
         redis_url, monkeypatch):
     """An answer the upstream has sent whole needs its connection no more. It was held until
@@ -1066,101 +1110,43 @@ async def test_a_client_not_reading_its_answer_does_not_hold_the_upstream_connec
     for it, then 504. The connection now goes back to the pool as soon as the whole answer
     is in (nginx's proxy_buffering does the same), while the rest of the answer is written
     to the slow client as it takes it."""
-    from aiohttp import web
-    from gateway.config import Route, ServerConfig, Timeouts, Upstream
-    from harness import gateway_under_test, make_config, serving
-    piece, pieces = b"z" * 8192, 25
-
-    async def answer(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        if request.path == "/public/small":
-            resp.content_length = 2
-            await resp.prepare(request)
-            await resp.write(b"ok")
-            return resp
-        resp.content_length = len(piece) * pieces
-        await resp.prepare(request)
-        for _ in range(pieces):  # in pieces: not whole with its head
-            await resp.write(piece)
-            await asyncio.sleep(0.002)
-        return resp
-
-    routes = (Route("/public/**", "api", ("GET",), (), True),)
-    async with serving(answer) as url:
-        config = make_config(url, routes=routes, server=ServerConfig(
-            host="127.0.0.1", timeouts=Timeouts(header=5.0, body=10.0, idle=15.0)),
-            upstreams={"api": Upstream("api", url, 2.0, max_connections=1)})
-        async with gateway_under_test(config, redis_url, monkeypatch) as g:
-            loop = asyncio.get_running_loop()
-            # reads its head (4 KiB) and then nothing for 3 s, then all of it
-            slow = asyncio.ensure_future(_slow_reader(
-                loop, g.proxy_server.port, g.gw.proxy_server, 4096, 3.0, 3.0,
-                len(piece) * pieces, path="/public/big"))
-            await asyncio.sleep(0.5)  # its answer is all in keygate by now
-            started = time.monotonic()
-            async with g.proxy.get("/public/small") as r:
-                assert (r.status, await r.read()) == (200, b"ok")
-            assert time.monotonic() - started < 1.0
-            assert not slow.done()  # still not reading
-            assert await slow == (len(piece) * pieces, None)  # and then it got it all
+    async with _one_connection_upstream(redis_url, monkeypatch, 2.0) as (g, slow, small):
+        reader = slow(3.0)  # its head (4 KiB), then nothing for 3 s, then all of it
+        await asyncio.sleep(0.5)  # its answer is all in keygate by now
+        started = time.monotonic()
+        assert await small() == (200, b"ok")
+        assert time.monotonic() - started < 1.0
+        assert not reader.done()  # still not reading
+        assert await reader == (_BIG, None)  # and then it got it all
 
 
 async def test_answers_held_for_slow_clients_are_bounded_in_all(redis_url, monkeypatch):
     """An answer's tail held after its upstream connection went back costs memory for as
     long as its client takes to read it: up to ~256 KiB each, and with 10000 client
     connections ~2.5 GiB. They are bounded in all (DETACHED_MAX, here made one and a half
-    answers' tails): past it, an answer's connection waits for its client as before. What a client took, or never
-    took because it went away, is counted no more."""
-    from aiohttp import web
+    answers' tails): past it, an answer's connection waits for its client as before. What a
+    client took, or never took because it went away, is counted no more."""
     from gateway.proxying import connection
-    from harness import serving
-    piece, pieces = b"z" * 8192, 25
-
-    async def answer(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        small = request.path == "/public/small"
-        resp.content_length = 2 if small else len(piece) * pieces
-        await resp.prepare(request)
-        for _ in range(1 if small else pieces):  # in pieces: not whole with its head
-            await resp.write(b"ok" if small else piece)
-            await asyncio.sleep(0.002)
-        return resp
-
-    routes = (Route("/public/**", "api", ("GET",), (), True),)
-    async with serving(answer) as url:
-        config = make_config(url, routes=routes, server=ServerConfig(
-            host="127.0.0.1", timeouts=Timeouts(header=5.0, body=10.0, idle=15.0)),
-            upstreams={"api": Upstream("api", url, 1.0, max_connections=1)})
-        async with gateway_under_test(config, redis_url, monkeypatch) as g:
-            loop = asyncio.get_running_loop()
-
-            def slow(for_s: float) -> asyncio.Future:  # its head, then nothing for for_s
-                return asyncio.ensure_future(_slow_reader(
-                    loop, g.proxy_server.port, g.gw.proxy_server, 4096, for_s, for_s,
-                    len(piece) * pieces, path="/public/big"))
-
-            async def small() -> int:
-                async with g.proxy.get("/public/small") as r:
-                    return r.status
-            first = slow(4.0)
-            await asyncio.sleep(0.5)
-            held = connection._detached
-            assert held > 0  # its tail (what the kernel and the transport did not take)
-            monkeypatch.setattr(connection, "DETACHED_MAX", held + held // 2)
-            assert await small() == 200
-            second = slow(4.0)  # its tail would pass the bound: it keeps the connection
-            await asyncio.sleep(0.5)
-            assert connection._detached == held
-            assert await small() == 504  # waited the upstream timeout for it
-            assert await first == (len(piece) * pieces, None)
-            assert await second == (len(piece) * pieces, None)
-            assert connection._detached == 0
-            # one that goes away without reading more: its tail is counted no more
-            gone = slow(30.0)
-            assert await eventually(lambda: connection._detached > 0)
-            gone.cancel()  # (its socket closed, unread bytes in it: a reset)
-            assert await eventually(lambda: connection._detached == 0)
-            assert await small() == 200
+    async with _one_connection_upstream(redis_url, monkeypatch, 1.0) as (g, slow, small):
+        first = slow(4.0)
+        await asyncio.sleep(0.5)
+        held = connection._detached
+        assert held > 0  # its tail (what the kernel and the transport did not take)
+        monkeypatch.setattr(connection, "DETACHED_MAX", held + held // 2)
+        assert (await small())[0] == 200
+        second = slow(4.0)  # its tail would pass the bound: it keeps the connection
+        await asyncio.sleep(0.5)
+        assert connection._detached == held
+        assert (await small())[0] == 504  # waited the upstream timeout for it
+        assert await first == (_BIG, None)
+        assert await second == (_BIG, None)
+        assert connection._detached == 0
+        # one that goes away without reading more: its tail is counted no more
+        gone = slow(30.0)
+        assert await eventually(lambda: connection._detached > 0)
+        gone.cancel()  # (its socket closed, unread bytes in it: a reset)
+        assert await eventually(lambda: connection._detached == 0)
+        assert (await small())[0] == 200
 
 
 def _dechunk(data: bytes) -> tuple[bytes, bytes]:
