@@ -425,6 +425,36 @@ async def test_a_sentinel_clients_clock_reading_across_a_stall_is_read_again_soo
         await client.close()
 
 
+async def test_a_sentinel_clients_loose_reading_is_read_again_without_a_request(
+        sentinel_group) -> None:
+    """A Sentinel/Cluster client read its clock again only when a request asked for the
+    offset: the first request after a quiet spell (and all those in the reading's round
+    trip: a burst) got the offset a stall left 0.4 s too small. The reading again has a
+    timer of its own."""
+    from gateway.store import clients
+    client = clients.TopologyClient(sentinel_group["url"], timeout=2.0)
+    stalls: list[float] = []
+    _stall_time_readings(client, stalls)
+    try:
+        async def offset_known():
+            return client.clock_offset is not None
+        assert await eventually(offset_known)
+        known, stalls[:] = client.clock_offset, [0.4]
+        client.measure_clock()
+
+        async def read_once_stalled():
+            client.clock_offset  # noqa: B018
+            return not stalls and client._measuring is None
+        assert await eventually(read_once_stalled)
+        assert client.clock_offset < known - 0.3
+        await asyncio.sleep(2.0)  # quiet: no request
+        first = client.clock_offset  # the first request after it
+        assert first >= known - 0.005, \
+            f"the first request after 2 s quiet got an offset {known - first:.2f} s small"
+    finally:
+        await client.close()
+
+
 async def test_sentinel_down_is_503_and_not_ready(upstream, monkeypatch) -> None:
     url = f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/{MASTER}"
     async with gateway_under_test(make_config(str(upstream.make_url(""))), url,

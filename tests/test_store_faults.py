@@ -890,6 +890,80 @@ async def test_a_clock_reading_across_a_stall_of_the_loop_is_read_again_soon(
     assert _month_count(own_redis.url, "acme") == 2
 
 
+async def test_a_loose_clock_reading_is_read_again_a_second_later_whatever_the_store_timeout(
+        own_redis):
+    """"Read again a second later" was left to the watchdog, which looks every store
+    timeout / 4: at an 8 s timeout, every 2 s, and an offset left too small by a stall stayed
+    until the first look after that second (2.9 s here; 16 s at a 60 s timeout). The reading
+    again has a timer of its own."""
+    from gateway.store.resp import CLOCK_READ_AGAIN_AFTER, RespClient
+    client = RespClient(own_redis.url, timeout=8.0)  # its watchdog looks every 2 s
+    loop = asyncio.get_running_loop()
+    try:
+        await client.call("PING")
+        assert await eventually(lambda: client.clock_offset is not None)
+        await asyncio.sleep(0.3)
+        known = client.clock_offset
+        readings: list[tuple[float, float]] = []
+        read = client._clock_read
+
+        def counted(*args):
+            read(*args)
+            readings.append((time.monotonic(), client.clock_offset))
+        client._clock_read = counted
+        # the reply to land ~1.3 s before a watchdog look (1 s after it: just past that look)
+        tick = client._watchdog.when()
+        while tick - loop.time() < 1.3:
+            await asyncio.sleep(tick - loop.time() + 0.05)
+            tick = client._watchdog.when()
+        await asyncio.sleep(tick - loop.time() - 1.3)
+        client.measure_clock()  # TIME written; the loop stalls before its reply is read
+        time.sleep(0.4)
+        assert await eventually(lambda: readings)
+        stalled_at, stalled = readings[0]
+        assert stalled < known - 0.3, (stalled, known)  # (the stall as it was read)
+        assert await eventually(lambda: client.clock_offset >= known - 0.005, timeout=6)
+        fixed_at = readings[-1][0]
+        assert fixed_at - stalled_at <= CLOCK_READ_AGAIN_AFTER + 0.5, \
+            f"the offset stayed {known - stalled:.2f} s too small for " \
+            f"{fixed_at - stalled_at:.2f} s"
+    finally:
+        await client.close()
+
+
+async def test_a_store_far_away_has_its_clock_read_a_minute_apart_after_a_few_readings(
+        own_redis, monkeypatch) -> None:
+    """A Redis 60 ms away (another region, a slow managed link) made every TIME reading
+    "loose" (over CLOCK_OFFSET_MAX_RTT): read again a second later, loose again, one a
+    second for as long as the connection lived, though no reading can come closer (the round
+    trip is the link's), the skew taken again each time. "Loose" is now measured against
+    the store's usual round trip, which follows a far store within a few readings (here
+    made 0.2 s apart) and never takes one stall as usual."""
+    from gateway.store import resp as resp_module
+    from harness import HeldReplies
+    monkeypatch.setattr(resp_module, "CLOCK_READ_AGAIN_AFTER", 0.2)
+    async with HeldReplies(own_redis.url, reply_delay=0.06) as far:
+        client = resp_module.RespClient(far.url, timeout=2.0)
+        try:
+            await client.call("PING")
+            assert await eventually(lambda: client.clock_offset is not None)
+            readings: list[float] = []
+            read = client._clock_read
+
+            def counted(*args):
+                read(*args)
+                readings.append(time.monotonic())
+            client._clock_read = counted
+            await asyncio.sleep(3.0)  # a few readings 0.2 s apart, then settled
+            settled = len(readings)
+            assert 1 <= settled <= 10, readings
+            await asyncio.sleep(2.0)
+            assert len(readings) == settled, \
+                f"{len(readings) - settled} more readings in 2 s: still not settled"
+        finally:
+            await client.close()
+
+
 async def test_the_skew_to_redis_s_clock_is_read_again_every_minute(own_redis, monkeypatch):
     """A request's "now" is this host's clock plus its skew to Redis's (TIME), read at each
     connect: a host clock stepped or drifting afterwards would skew every replica's time

@@ -24,8 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..redis_topology import track_writes
 
-from .resp import (CLOCK_OFFSET_MAX_RTT, CLOCK_READ_AGAIN_AFTER, ClockSkew, RespClient,
-                   RespError, _bulk, _bulk_str4, _encode, clock_offset)
+from .resp import ClockSkew, RespClient, RespError, _bulk, _bulk_str4, _encode, clock_offset
 from .scripts import Script
 
 OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on a topology
@@ -165,6 +164,7 @@ class TopologyClient(ClockSkew):
         self._offset: float | None = None
         self._offset_at = -1e9
         self._measuring: asyncio.Future | None = None
+        self._closing = False
 
     @property
     def clock_offset(self) -> float | None:
@@ -178,6 +178,11 @@ class TopologyClient(ClockSkew):
     def measure_clock(self) -> None:
         self._offset_at = -1e9
 
+    def _clock_again(self) -> None:
+        self._read_again = None
+        if self._measuring is None and not self._closing:
+            self._measuring = asyncio.ensure_future(self._measure_offset())
+
     async def _measure_offset(self) -> None:
         try:
             sent, sent_mono = time.time(), time.monotonic()
@@ -185,9 +190,9 @@ class TopologyClient(ClockSkew):
             arrived, arrived_mono = time.time(), time.monotonic()
             self._offset = clock_offset(reply, arrived_mono)
             self._offset_at = arrived_mono
-            loose = arrived_mono - sent_mono > CLOCK_OFFSET_MAX_RTT
-            if self._take_skew(reply, sent, arrived) or loose:  # read again soon
-                self._offset_at = arrived_mono - OFFSET_MAX_AGE + CLOCK_READ_AGAIN_AFTER
+            loose = self._loose_offset(arrived_mono - sent_mono)
+            if self._take_skew(reply, sent, arrived) or loose:
+                self._read_again_soon()
         except Exception:  # the store is down: keep the last offset, try again next call
             pass
         finally:
@@ -260,6 +265,8 @@ class TopologyClient(ClockSkew):
         """Each step bounded (``gateway.closing``): one that does not end in time is logged and
         left, and the next one is taken."""
         from ..closing import CLOSE_STEP_TIMEOUT, bounded, stop
+        self._closing = True
+        self._stop_reading_again()
         if self._measuring is not None:
             await stop(self._measuring, CLOSE_STEP_TIMEOUT, "the Redis clock reading")
         # a Sentinel client's close is three steps, each bounded (redis_topology)

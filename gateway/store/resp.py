@@ -95,12 +95,13 @@ CLOCK_MAX_AGE = 60.0
 # not a minute later.
 CLOCK_READING_MAX_RTT = 0.5
 CLOCK_READ_AGAIN_AFTER = 1.0
-# A TIME reading whose round trip took longer than this made the offset (``clock_offset``)
-# up to that much too small, every counting call's deadline that much early: it is read
-# again CLOCK_READ_AGAIN_AFTER s later, not a minute later. Kept until then, a 0.4 s stall
-# of the loop while a reply waited unread had calls Redis ran in time answered "late" (503)
-# for a minute; an earlier offset is never kept instead, as Redis's clock may have stepped
-# back meanwhile (an offset too large: deadlines late, calls counted after their 503).
+# A TIME reading whose round trip took this much longer than the store's usual one
+# (``ClockSkew._loose_offset``) made the offset (``clock_offset``) up to that much too small,
+# every counting call's deadline that much early: it is read again CLOCK_READ_AGAIN_AFTER s
+# later, not a minute later. Kept until then, a 0.4 s stall of the loop while a reply
+# waited unread had calls Redis ran in time answered "late" (503) for a minute; an earlier
+# offset is never kept instead, as Redis's clock may have stepped back meanwhile (an offset
+# too large: deadlines late, calls counted after their 503).
 CLOCK_OFFSET_MAX_RTT = 0.05
 # This host's wall clock moved this far against its monotonic one since the last reading (an
 # operator's `date -s`, an NTP step; NTP's slewing moves it at most ~30 ms in a minute): it
@@ -291,12 +292,44 @@ class ClockSkew:
     _skew_known = False
     # time.time() - time.monotonic() when the skew was last read (None: never)
     _wall_minus_mono: float | None = None
+    # the store's usual round trip for a TIME reading (``_loose_offset``), and the timer of a
+    # reading taken again soon (``_read_again_soon``)
+    _usual_rtt = 0.001
+    _read_again: asyncio.TimerHandle | None = None
+
+    def _loose_offset(self, rtt: float) -> bool:
+        """Whether a reading whose round trip took ``rtt`` s pins the offset down loosely:
+        ``CLOCK_OFFSET_MAX_RTT`` over the store's usual round trip. The usual one follows the
+        shortest readings at once, and longer ones by doubling at most a reading: a Redis
+        60 ms away (another region) is read again a few times, then a minute apart as any
+        (its readings come no closer), while one stall of the loop is never taken as usual."""
+        loose = rtt > self._usual_rtt + CLOCK_OFFSET_MAX_RTT
+        self._usual_rtt = max(0.001, min(rtt, 2 * self._usual_rtt))
+        return loose
+
+    def _read_again_soon(self) -> None:
+        """Read the clock again ``CLOCK_READ_AGAIN_AFTER`` s from now (``_clock_again``), on
+        a timer of its own: not at the watchdog's next look (a store timeout / 4 away, 2 s at
+        an 8 s timeout), nor at the next request (the first after a quiet spell would get the
+        offset read loosely)."""
+        if self._read_again is not None:
+            self._read_again.cancel()
+        self._read_again = asyncio.get_running_loop().call_later(CLOCK_READ_AGAIN_AFTER,
+                                                                 self._clock_again)
+
+    def _clock_again(self) -> None:
+        raise NotImplementedError
+
+    def _stop_reading_again(self) -> None:
+        if self._read_again is not None:
+            self._read_again.cancel()
+            self._read_again = None
 
     def _take_skew(self, time_reply: Any, sent: float, arrived: float) -> bool:
         """Take the skew a TIME reply sent at ``sent`` and heard at ``arrived`` (both
         ``time.time()``) shows (:func:`clock_skew`), unless its round trip was over
         ``CLOCK_READING_MAX_RTT`` (or below 0: a clock step) and a skew is known already. True when the reading was that
-        loose: the caller reads the clock again ``CLOCK_READ_AGAIN_AFTER`` s later."""
+        loose: the caller reads the clock again soon (``_read_again_soon``)."""
         # (a round trip that ran backwards: the wall clock stepped back while it was made)
         loose = not 0.0 <= arrived - sent <= CLOCK_READING_MAX_RTT
         if not loose or not self._skew_known:
@@ -440,11 +473,18 @@ class RespClient(ClockSkew):
         arrived, arrived_mono = time.time(), time.monotonic()
         try:
             self.clock_offset = clock_offset(fut.result(), arrived_mono)
-            loose = arrived_mono - sent_mono > CLOCK_OFFSET_MAX_RTT
-            if self._take_skew(fut.result(), sent, arrived) or loose:  # read again soon
-                self._clock_asked_at = arrived_mono - CLOCK_MAX_AGE + CLOCK_READ_AGAIN_AFTER
+            loose = self._loose_offset(arrived_mono - sent_mono)
+            if self._take_skew(fut.result(), sent, arrived) or loose:
+                self._read_again_soon()
         except (TypeError, ValueError):
             pass
+
+    def _clock_again(self) -> None:
+        self._read_again = None
+        proto = self._proto
+        if proto is not None and not proto.closed:  # (else the next connection reads it)
+            self._clock_asked_at = time.monotonic()  # the minute starts again
+            self.measure_clock()
 
     def _lost(self, proto: _Protocol) -> None:
         if self._proto is proto:
@@ -607,6 +647,7 @@ class RespClient(ClockSkew):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        self._stop_reading_again()
         if self._proto is not None:
             self._proto.abort(ConnectionError("client closed"))
             self._proto = None
