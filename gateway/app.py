@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -30,6 +30,9 @@ from .proxying.server import (HEAD_MAX, LINGER_TIME, AdminRunner, ProxyServer,
                               drop_vanished_peers)
 from .reload import ListenerTLS, Reloader, add_reload_route
 from .argon2_pool import release_freed_memory_every
+
+if TYPE_CHECKING:
+    from .store import Store
 
 log = logging.getLogger("keygate")
 
@@ -93,6 +96,9 @@ class Gateway:
     access_log: object = None  # gateway.accesslog.AccessLog, when the access log is on
     tls: dict[str, "ListenerTLS"] = field(default_factory=dict)  # "proxy" / "admin"
     reloader: "Reloader | None" = None
+    # reads the key prefixes any keygate has served with on this store (kg:prefixes), this
+    # config's recorded: ``start_listeners`` awaits it once the store's start-up checks passed
+    learn_key_prefixes: Callable[[], Awaitable[None]] | None = None
 
 
 @contextlib.asynccontextmanager
@@ -181,6 +187,22 @@ async def running_gateway(config: Config, store_url: str, *,
         gw = Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server,
                      access, tls)
 
+        def learn_prefixes(prefixes: list[str]) -> None:
+            """Every key prefix used since start, the config's (the pipeline's reconfigure
+            adds it) and ``prefixes`` (recorded in the store by any keygate): the query
+            refuses their tokens, a public route's Authorization drops them, and the logs and
+            spans mask them."""
+            pipeline.learn_prefixes(prefixes)
+            forwarder.learn_prefixes(prefixes)
+            if access is not None:  # on or off, json or text: a restart (it owns a writer)
+                access.prefix = pipeline.key_prefixes
+            if config.tracing is not None:  # the spans mask what the access log masks
+                pipeline.tracer.mask_path = _span_mask(pipeline.key_prefixes, operator_token)
+
+        async def learn_key_prefixes() -> None:
+            learn_prefixes(await _prefixes_seen(store, gw.config))
+        gw.learn_key_prefixes = learn_key_prefixes
+
         def swap(new: Config) -> None:
             """The reload itself: everything that can fail first, then one synchronous swap."""
             certificates = {name: ListenerTLS.prepare(section.tls, where, new.source)
@@ -193,23 +215,24 @@ async def running_gateway(config: Config, store_url: str, *,
             auth.reconfigure(new)
             forwarder.reconfigure(new)
             pipeline.reconfigure(new)
+            learn_prefixes(prefixes_seen)  # (in_use read them, just before)
             metrics.upstreams_known(new.upstreams)  # an upstream added: its errors at zero
-            # the logs and spans mask keys of every prefix used since start (the pipeline's
-            # reconfigure added the new one)
-            if access is not None:  # on or off, json or text: a restart (it owns a writer)
-                access.prefix = pipeline.key_prefixes
             if config.tracing is not None:  # (restart-only: the tracer of the start, still)
-                # the spans mask what the access log masks, of the config now in force
-                pipeline.tracer.mask_path = _span_mask(pipeline.key_prefixes, operator_token)
                 pipeline.tracer.upstream_hosts = _upstream_hosts(new)  # forward spans name them
             logging.getLogger().setLevel(new.server.log_level.upper())
             gw.config = new
 
         from .config_in_use import in_use_problems
 
+        prefixes_seen: list[str] = []
+
         async def in_use(new: Config, old: Config) -> list[str]:
-            # (with what the swap needs made beforehand, off the event loop: the decoy hash)
-            return await auth.prepare(new) or await in_use_problems(store, new, old)
+            # (with what the swap needs made beforehand, off the event loop: the decoy hash;
+            # and a new key prefix recorded, with those other keygates recorded)
+            problems = await auth.prepare(new) or await in_use_problems(store, new, old)
+            if not problems and new.keys.prefix != old.keys.prefix:  # (else nothing to record)
+                prefixes_seen[:] = await _prefixes_seen(store, new)
+            return problems
 
         gw.reloader = Reloader(config, config_path, swap, metrics, clock=host_clock,
                                in_use=in_use)
@@ -308,6 +331,17 @@ def workspace_admin(pipeline: Pipeline):
             raise over_own_calls(exc) from None
         return Actor(key.key_id, key.workspace, key.scopes, key.expires_at, key.rev)
     return authenticate_key
+
+
+async def _prefixes_seen(store: "Store", config: Config) -> list[str]:
+    """``Store.key_prefixes_seen`` for ``config``'s prefix; when the store fails, that prefix
+    alone (what this process knew before there was a record), said in the log."""
+    try:
+        return await store.key_prefixes_seen(config.keys.prefix)
+    except StoreError as exc:
+        log.warning("could not read the key prefixes used on this store (tokens of an earlier "
+                    "prefix are refused and masked only once it answers): %s", exc)
+        return [config.keys.prefix]
 
 
 def _otel_tracer(config: Config, client_address: Callable, operator_token: str = ""):
@@ -410,8 +444,11 @@ class _Site(web.TCPSite):
 
 
 async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.BaseRunner]:
-    """Bind the proxy and admin listeners. Raises ListenError naming the address."""
+    """Bind the proxy and admin listeners, once the key prefixes used on the store are
+    known (``Gateway.learn_key_prefixes``). Raises ListenError naming the address."""
     config = gw.config
+    if gw.learn_key_prefixes is not None:
+        await gw.learn_key_prefixes()
     proxy_runner = web.ServerRunner(gw.proxy_server, handle_signals=False,
                                     shutdown_timeout=drain_seconds())
     admin_runner = AdminRunner(gw.admin_app, handle_signals=False, access_log=None,

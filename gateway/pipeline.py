@@ -20,7 +20,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Protocol
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Protocol
 
 from aiohttp import hdrs, web
 from multidict import istr
@@ -243,11 +243,7 @@ class Pipeline:
         # as is). The query refuses it (key_in_url) and the logs and spans mask it. Bounded
         # by the prefixes an operator has written in the config; one (no reload changed it):
         # the prefix itself, which costs what it always did.
-        if config.keys.prefix not in self._prefixes_used:
-            self._prefixes_used.append(config.keys.prefix)
-        used = self._prefixes_used
-        self.key_prefixes: str | tuple[str, ...] = used[0] if len(used) == 1 else tuple(used)
-        self._prefix = self.key_prefixes
+        self.learn_prefixes((config.keys.prefix,))
         self._key_headers = tuple(istr(h) for h in dict.fromkeys(  # istr: no case-folding
             h.lower() for h in config.keys.headers if h.lower() != "authorization"))  # per call
         self.trusted = TrustedProxies(config.server.trusted_proxies)
@@ -256,6 +252,18 @@ class Pipeline:
         # their upstream's timeout to reach it or be taken back (the longest of the config's)
         self._held_wait = str(max(1, math.ceil(max(
             (u.timeout for u in config.upstreams.values()), default=1))))
+
+    def learn_prefixes(self, prefixes: Iterable[str]) -> None:
+        """Take ``prefixes`` among the key prefixes used: this process's config's, and those
+        recorded in the store by any keygate (``Store.key_prefixes_seen``, at start and at
+        each reload), so that a process started after a prefix changed knows the old one too.
+        The access log's and the spans' masks follow them (``running_gateway``)."""
+        used = self._prefixes_used
+        for prefix in prefixes:
+            if prefix not in used:
+                used.append(prefix)
+        self.key_prefixes: str | tuple[str, ...] = used[0] if len(used) == 1 else tuple(used)
+        self._prefix = self.key_prefixes
 
     # --- the one handler ----------------------------------------------------------------------
 

@@ -537,6 +537,7 @@ class _AdminTestServer(TestServer):
 async def gateway_under_test(config: Config, redis_url: str, monkeypatch, **kw):
     monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
     async with running_gateway(config, redis_url, **kw) as gw:
+        await gw.learn_key_prefixes()  # as start_listeners does
         proxy_server = _ProxyTestServer(gw.proxy_server, host="127.0.0.1")
         await proxy_server.start_server()
         admin_server = _AdminTestServer(gw.admin_app, host="127.0.0.1")

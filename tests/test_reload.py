@@ -2321,6 +2321,47 @@ async def test_tokens_of_the_prefix_a_reload_replaced_are_refused_in_a_query_and
                 and secret in r.getMessage()]
 
 
+async def test_a_gateway_started_after_the_key_prefix_changed_still_refuses_and_masks_old_keys(
+        tmp_path, upstream, redis_url, monkeypatch, capfd):
+    """The prefixes a process had used were its own memory: a replica (or a worker) started
+    after the config moved from ``keys.prefix: kg`` to ``xy`` knew only ``xy``, and an old
+    token, still a secret (its id and secret under the new prefix open the key), was
+    forwarded in a query, logged whole in a path and passed to a public route's upstream in
+    ``Authorization``. Every prefix a keygate has served with on this store is recorded
+    there (kg:prefixes) and known to every process from its start."""
+    path = tmp_path / "keygate.yaml"
+    changes: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 18080, "access_log": "json"},
+        "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
+                    "scopes": ["people:read"]},
+                   {"path": "/hooks/**", "methods": ["GET"], "upstream": "api",
+                    "public": True}]}
+    write(path, config_doc(str(upstream.make_url("")), **changes))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch) as gw:
+        await gw.workspace("acme")
+        old, _ = await gw.key("acme", scopes=["people:read"])
+    write(path, config_doc(str(upstream.make_url("")), **changes, keys={"prefix": "xy"}))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch) as gw:
+        gw.logs(capfd)
+        async with gw.proxy.get(f"/hooks/x?token={old}") as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["code"] == "key_in_url"
+        async with gw.proxy.get(f"/hooks/{old}") as r:
+            assert r.status == 200
+        async with gw.proxy.get("/hooks/x", headers=bearer(old)) as r:
+            assert r.status == 200
+        seen = {k.lower(): v for k, v in upstream.requests[-1]["headers"]}
+        assert "authorization" not in seen, seen
+        _, err = gw.logs(capfd)
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    paths = [line["path"] for line in lines if "logger" not in line]
+    assert paths == ["/hooks/x?token=***", "/hooks/***", "/hooks/x"], err
+    secret = old.rsplit("_", 1)[1][12:44]
+    assert secret not in err, err
+    # the refused query never reached the upstream (a key in a path is forwarded, as SPEC says)
+    assert not [r for r in upstream.requests if "token=" in r["raw_path"]], upstream.requests
+
+
 async def test_a_key_header_name_a_reload_retired_never_carries_a_token_upstream(
         tmp_path, redis_url, monkeypatch):
     """This session keeps dropping, after a reload, what earlier configs made keygate's:

@@ -33,7 +33,7 @@ import logging
 import os
 import ssl
 import time
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from aiohttp import web
 from aiohttp.http_writer import HttpVersion11 as _HTTP11
@@ -189,6 +189,16 @@ class Forwarder:
         # with the rules it signs under: a request in flight through a reload that passes its
         # rules (Pipeline) signs, or not, as the config it was read under did
         self.header_rules.sign_secret = self._sign_secret
+
+    def learn_prefixes(self, prefixes: Iterable[str]) -> None:
+        """Tokens of ``prefixes`` too (recorded in the store by any keygate:
+        ``Store.key_prefixes_seen``) are dropped from public routes' Authorization."""
+        rules = self.header_rules
+        if all(p in rules.prefixes for p in prefixes):
+            return
+        learnt = RequestHeaderRules(self.config, rules.own_names, (*rules.prefixes, *prefixes))
+        learnt.sign_secret = rules.sign_secret
+        self.header_rules = learnt
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -21,8 +21,9 @@ from ..usage import effective_plan, limits_json, month_period
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, confirmed_write, no_workspace,
                          store_errors)
 from .admin_keys import LIST_STEP, READ_CHUNK, KeyStore
-from .keyspace import (WORKSPACES, daily_key, key_daily_key, key_key, key_usage_key, usage_key,
-                       ws_audit_key, ws_bindings_key, ws_key, ws_keys_key, ws_roles_key)
+from .keyspace import (PREFIXES, WORKSPACES, daily_key, key_daily_key, key_key, key_usage_key,
+                       usage_key, ws_audit_key, ws_bindings_key, ws_key, ws_keys_key,
+                       ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, epoch_field, hash_pairs, shown_ws, slug_from_name,
                       workspace_from_hash)
 
@@ -30,6 +31,9 @@ from .records import (UNSET, WORKSPACE_ID_RE, epoch_field, hash_pairs, shown_ws,
 USAGE_CHUNK = 50   # workspaces a pipeline of a scrape's usage read (~1.5 ms of the loop's CPU)
 _USAGE_FIELDS = ("id", "plan", "limits")
 FIELDS_CHUNK = 200  # keys whose fields a pipeline of a reload's in-use check reads (a few ms)
+# Key prefixes known from the store (``Store.key_prefixes_seen``): each one is a branch of the
+# masking and refusing regexes of every process; an operator writes a handful in a lifetime.
+KEY_PREFIXES_MAX = 32
 
 
 class Store(KeyStore):
@@ -39,6 +43,22 @@ class Store(KeyStore):
     :class:`StoreError` when Redis fails. Validation of user input is the caller's job
     (``gateway.admin``); the store trusts its arguments.
     """
+
+    # --- key prefixes -------------------------------------------------------------------------
+
+    async def key_prefixes_seen(self, prefix: str) -> list[str]:
+        """Record ``prefix`` as one a keygate serves with on this store (kg:prefixes), and
+        answer every one recorded, ``prefix`` first: at most ``KEY_PREFIXES_MAX``, and only
+        what a config could name (``PREFIX_RE``). A key of an earlier prefix is still a secret
+        (its id and secret under the new prefix open the key), which every process refuses in
+        URLs and masks in logs, however recently started. At each start and reload: never on
+        the request path."""
+        from ..config.access import PREFIX_RE
+        with store_errors("write"):
+            await self.redis.sadd(PREFIXES, prefix)
+            recorded = await self.redis.smembers(PREFIXES)
+        others = sorted(p for p in recorded if p != prefix and PREFIX_RE.fullmatch(p))
+        return [prefix, *others[:KEY_PREFIXES_MAX - 1]]
 
     # --- workspaces ---------------------------------------------------------------------------
 
