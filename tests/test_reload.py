@@ -2239,6 +2239,12 @@ def _with_prefix(token: str, prefix: str) -> str:
     return head + checksum(head)
 
 
+# a reader's route, and a public one (tokens sent to it are dropped, never passed on)
+_PEOPLE_AND_PUBLIC_HOOKS = [
+    {"path": "/people/**", "methods": ["GET"], "upstream": "api", "scopes": ["people:read"]},
+    {"path": "/hooks/**", "methods": ["GET"], "upstream": "api", "public": True}]
+
+
 async def test_a_token_of_the_prefix_a_reload_replaced_never_reaches_a_public_upstream(
         tmp_path, upstream, redis_url, monkeypatch):
     """Regression: on a public route, a keygate token in ``Authorization`` (Bearer, inside a
@@ -2249,10 +2255,7 @@ async def test_a_token_of_the_prefix_a_reload_replaced_never_reaches_a_public_up
     import base64
     path = tmp_path / "keygate.yaml"
     changes: dict[str, Any] = {
-        "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
-                    "scopes": ["people:read"]},
-                   {"path": "/hooks/**", "methods": ["GET"], "upstream": "api",
-                    "public": True}]}
+        "routes": _PEOPLE_AND_PUBLIC_HOOKS}
     write(path, config_doc(str(upstream.make_url("")), **changes))
     async with gateway_under_test(load_config(path), redis_url, monkeypatch,
                                   config_path=str(path)) as gw:
@@ -2285,10 +2288,7 @@ async def test_tokens_of_the_prefix_a_reload_replaced_are_refused_in_a_query_and
     argon2 = {"time_cost": 1, "memory_cost": 8, "parallelism": 1}
     changes: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 18080, "access_log": "json"},
-        "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
-                    "scopes": ["people:read"]},
-                   {"path": "/hooks/**", "methods": ["GET"], "upstream": "api",
-                    "public": True}]}
+        "routes": _PEOPLE_AND_PUBLIC_HOOKS}
     write(path, config_doc(str(upstream.make_url("")), **changes))
     async with gateway_under_test(load_config(path), redis_url, monkeypatch,
                                   config_path=str(path)) as gw:
@@ -2332,10 +2332,7 @@ async def test_a_gateway_started_after_the_key_prefix_changed_still_refuses_and_
     path = tmp_path / "keygate.yaml"
     changes: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 18080, "access_log": "json"},
-        "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
-                    "scopes": ["people:read"]},
-                   {"path": "/hooks/**", "methods": ["GET"], "upstream": "api",
-                    "public": True}]}
+        "routes": _PEOPLE_AND_PUBLIC_HOOKS}
     write(path, config_doc(str(upstream.make_url("")), **changes))
     async with gateway_under_test(load_config(path), redis_url, monkeypatch) as gw:
         await gw.workspace("acme")
