@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -31,10 +31,12 @@ from .proxying.server import (HEAD_MAX, LINGER_TIME, AdminRunner, ProxyServer,
 from .reload import ListenerTLS, Reloader, add_reload_route
 from .argon2_pool import release_freed_memory_every
 
-if TYPE_CHECKING:
-    from .store import Store
-
 log = logging.getLogger("keygate")
+
+# Seconds between two readings of the key prefixes recorded in the store (kg:prefixes): a
+# replica learns within this long one that another replica started with, and records its own
+# once a store that failed at its start or reload answers again.
+KEY_PREFIXES_EVERY = 60
 
 # Seconds a stop lets requests in flight finish, then writes what the fail-open ledger counted
 # (deploy/k8s/deployment.yaml's grace period covers all three, after its preStop sleep).
@@ -97,7 +99,8 @@ class Gateway:
     tls: dict[str, "ListenerTLS"] = field(default_factory=dict)  # "proxy" / "admin"
     reloader: "Reloader | None" = None
     # reads the key prefixes any keygate has served with on this store (kg:prefixes), this
-    # config's recorded: ``start_listeners`` awaits it once the store's start-up checks passed
+    # config's recorded, then again every KEY_PREFIXES_EVERY s: awaited once the store's
+    # start-up checks passed, before listening (serve, demo)
     learn_key_prefixes: Callable[[], Awaitable[None]] | None = None
 
 
@@ -142,6 +145,7 @@ async def running_gateway(config: Config, store_url: str, *,
     flushing = None
     readiness = None
     releasing = asyncio.ensure_future(release_freed_memory_every())  # argon2's 19 MiB runs
+    refreshing: asyncio.Future | None = None  # the key prefixes' reading (learn_key_prefixes)
     log_drops = _count_dropped_log_lines(metrics.log_lines_dropped.inc)
     try:
         await forwarder.start()
@@ -199,8 +203,36 @@ async def running_gateway(config: Config, store_url: str, *,
             if config.tracing is not None:  # the spans mask what the access log masks
                 pipeline.tracer.mask_path = _span_mask(pipeline.key_prefixes, operator_token)
 
+        said = [False]  # a failure to read them said, until they are read again
+
+        async def read_prefixes(config: Config) -> list[str]:
+            """``Store.key_prefixes_seen`` for ``config``'s prefix; when the store fails,
+            that prefix alone, said in the log once until a read succeeds again."""
+            try:
+                seen, recorded = await store.key_prefixes_seen(config.keys.prefix)
+            except Exception as exc:  # noqa: BLE001  (whatever it is: never a start's end)
+                if not said[0]:
+                    log.warning("could not read the key prefixes used on this store (tokens "
+                                "of an earlier prefix are refused and masked once it answers, "
+                                "within %d s): %s", KEY_PREFIXES_EVERY, exc)
+                    said[0] = True
+                return [config.keys.prefix]
+            said[0] = False
+            if recorded > len(seen):
+                log.warning("the store records %d key prefixes (kg:prefixes); tokens of the %d "
+                            "most recent are refused and masked", recorded, len(seen))
+            return seen
+
+        async def every_while() -> None:
+            while True:
+                await asyncio.sleep(KEY_PREFIXES_EVERY)
+                learn_prefixes(await read_prefixes(gw.config))
+
         async def learn_key_prefixes() -> None:
-            learn_prefixes(await _prefixes_seen(store, gw.config))
+            nonlocal refreshing
+            learn_prefixes(await read_prefixes(gw.config))
+            if refreshing is None:  # (a process started after another's change learns it)
+                refreshing = asyncio.ensure_future(every_while())
         gw.learn_key_prefixes = learn_key_prefixes
 
         def swap(new: Config) -> None:
@@ -231,7 +263,7 @@ async def running_gateway(config: Config, store_url: str, *,
             # and a new key prefix recorded, with those other keygates recorded)
             problems = await auth.prepare(new) or await in_use_problems(store, new, old)
             if not problems and new.keys.prefix != old.keys.prefix:  # (else nothing to record)
-                prefixes_seen[:] = await _prefixes_seen(store, new)
+                prefixes_seen[:] = await read_prefixes(new)
             return problems
 
         gw.reloader = Reloader(config, config_path, swap, metrics, clock=host_clock,
@@ -244,6 +276,9 @@ async def running_gateway(config: Config, store_url: str, *,
         if flushing is not None:
             flushing.cancel()
             await asyncio.gather(flushing, return_exceptions=True)
+        if refreshing is not None:  # (its store read, cancelled, ends at once)
+            refreshing.cancel()
+            await asyncio.gather(refreshing, return_exceptions=True)
         if readiness is not None:  # its look at the eviction policy (bounded), before the
             await readiness.close()  # store it asks is closed
         try:
@@ -331,17 +366,6 @@ def workspace_admin(pipeline: Pipeline):
             raise over_own_calls(exc) from None
         return Actor(key.key_id, key.workspace, key.scopes, key.expires_at, key.rev)
     return authenticate_key
-
-
-async def _prefixes_seen(store: "Store", config: Config) -> list[str]:
-    """``Store.key_prefixes_seen`` for ``config``'s prefix; when the store fails, that prefix
-    alone (what this process knew before there was a record), said in the log."""
-    try:
-        return await store.key_prefixes_seen(config.keys.prefix)
-    except StoreError as exc:
-        log.warning("could not read the key prefixes used on this store (tokens of an earlier "
-                    "prefix are refused and masked only once it answers): %s", exc)
-        return [config.keys.prefix]
 
 
 def _otel_tracer(config: Config, client_address: Callable, operator_token: str = ""):
@@ -444,11 +468,8 @@ class _Site(web.TCPSite):
 
 
 async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.BaseRunner]:
-    """Bind the proxy and admin listeners, once the key prefixes used on the store are
-    known (``Gateway.learn_key_prefixes``). Raises ListenError naming the address."""
+    """Bind the proxy and admin listeners. Raises ListenError naming the address."""
     config = gw.config
-    if gw.learn_key_prefixes is not None:
-        await gw.learn_key_prefixes()
     proxy_runner = web.ServerRunner(gw.proxy_server, handle_signals=False,
                                     shutdown_timeout=drain_seconds())
     admin_runner = AdminRunner(gw.admin_app, handle_signals=False, access_log=None,

@@ -305,6 +305,7 @@ async def _run(data_dir: str) -> int:
     run_locks: list[int] = []  # this run's place among the demos on data_dir (_join_runs)
     try:
         async with running_gateway(config, store_url) as gw:
+            await gw.learn_key_prefixes()  # (the demo's own store: answers at once)
             try:
                 runners = await start_listeners(gw)
             except ListenError as exc:

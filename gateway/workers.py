@@ -174,6 +174,9 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
         # the background (a node that does not answer must not hold the start), so the
         # warning may come just after the "listening" line
         gw.admin_app[READINESS].look_at_eviction()
+        # the key prefixes any keygate served with on the store, before the first request;
+        # still a start-up step (a stop cancels it, not waiting out the store's timeout)
+        await gw.learn_key_prefixes()
         if starting is not None:
             starting.set()
         try:

@@ -219,7 +219,8 @@ class StoreBase:
         self._scripts = {name: client.register_script(load(f"admin_{name}").text)
                          for name in ("create_workspace", "update_workspace", "add_key",
                                       "update_key", "revoke_key", "set_role", "delete_key",
-                                      "list_keys", "role_users", "take_back")}
+                                      "list_keys", "role_users", "take_back",
+                                      "key_prefixes")}
         # creates and rotations answered 503 being taken back (KeyStore._take_back)
         self._taking_back: set[asyncio.Task[None]] = set()
         # set by close(): a take-back waiting between two tries makes its last one at once

@@ -133,10 +133,11 @@ per-request script and every admin script touch a single slot.
                                           window (TTL)
     kg:ready                      STRING  "1", written by each readiness check of the
                                           per-request connection (TTL: 1 s)
-    kg:prefixes                   SET     every keys.prefix a keygate has served with on this
-                                          store (added at each start and reload): tokens of
-                                          each are refused in URLs and masked in logs by every
-                                          process, however recently started
+    kg:prefixes                   ZSET    every keys.prefix a keygate has served with on this
+                                          store, score = when one last recorded it (ms; at its
+                                          start, at a reload that changes it, every minute):
+                                          tokens of each are refused in URLs and masked in logs
+                                          by every process, however recently started
 
 Every multi-step change is one Lua script (``gateway/store/lua/``) on the workspace's slot:
 the change, the ``rev`` bump and the audit entry happen together or not at all. The global
