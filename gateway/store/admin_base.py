@@ -39,6 +39,9 @@ ID_ATTEMPTS = 8              # fresh key ids / slug suffixes tried before giving
 # delete found nothing to delete (404 for a delete that happened).
 WRITES = frozenset({"create_workspace", "update_workspace", "add_key", "update_key",
                     "revoke_key", "set_role", "delete_key", "take_back"})
+# Admin scripts that write and need no marker: a copy that runs again does no harm (the key
+# prefixes' record: a ZADD of the prefix with the time, recorded again).
+IDEMPOTENT_WRITES = frozenset({"key_prefixes"})
 
 
 def _client(url: str, timeout: float) -> Any:
