@@ -24,12 +24,16 @@ TIMEOUT = ClientTimeout(total=15)
 
 def write_config(tmp_path: Path, *, redis_url: str = "embedded", data_dir: str | None = None,
                  upstream_url: str = "http://127.0.0.1:9", plan: dict | None = None,
-                 name: str = "keygate.yaml", **server: Any) -> tuple[Path, int, int]:
-    """A config file for one gateway on free loopback ports: (path, proxy port, admin port)."""
+                 name: str = "keygate.yaml", store_timeout: float | None = None,
+                 **server: Any) -> tuple[Path, int, int]:
+    """A config file for one gateway on free loopback ports: (path, proxy port, admin port).
+    ``store_timeout``: store.timeout (else the shipped one)."""
     proxy_port, admin_port = free_port(), free_port()
     store: dict[str, Any] = {"redis_url": redis_url}
     if data_dir is not None:
         store["data_dir"] = data_dir
+    if store_timeout is not None:
+        store["timeout"] = store_timeout
     doc = {
         "server": {"host": "127.0.0.1", "port": proxy_port, "access_log": "off", **server},
         "admin": {"host": "127.0.0.1", "port": admin_port},

@@ -729,11 +729,8 @@ async def test_a_stop_while_the_stores_start_up_checks_wait_on_a_frozen_redis_is
     too (docs/operations.md: SIGINT does the same), with the CLI's "interrupted" 130: SIGINT
     is not held while serve starts, and it left the PING waiting, which asyncio.run's
     clean-up then waited for (10.2 s)."""
-    import yaml
-    config, pport, aport = write_config(tmp_path, redis_url=own_redis.url)
-    doc = yaml.safe_load(config.read_text())
-    doc["store"]["timeout"] = 10  # a store across a slow network: each check may wait 10 s
-    config.write_text(yaml.safe_dump(doc))
+    # a store across a slow network: each check may wait 10 s
+    config, pport, aport = write_config(tmp_path, redis_url=own_redis.url, store_timeout=10)
     os.kill(own_redis.proc.pid, signal.SIGSTOP)
     try:
         gw = Served(config, pport, aport)

@@ -191,10 +191,7 @@ async def test_a_stop_while_serve_records_its_prefix_at_start_is_a_stop_at_once(
     from harness import HeldReplies
     async with HeldReplies(redis_url) as relay:
         relay.delay_when(b"kg:prefixes")  # SADD kg:prefixes stalls in the store
-        path, proxy, admin = write_config(tmp_path, redis_url=relay.url)
-        doc = yaml.safe_load(path.read_text())
-        doc["store"]["timeout"] = 10
-        path.write_text(yaml.safe_dump(doc))
+        path, proxy, admin = write_config(tmp_path, redis_url=relay.url, store_timeout=10)
         served = Served(path, proxy, admin)
         try:
             deadline = time.monotonic() + 20

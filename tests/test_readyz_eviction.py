@@ -218,7 +218,6 @@ async def test_serve_starts_without_waiting_on_a_silent_replica_and_still_warns(
     with INFO to every node: a paused replica held the start for the store timeout (here
     10 s). The look now runs beside the start, asks the primaries only, and its warning still
     comes (a moment after the "listening" line, docs/operations.md "Memory policy")."""
-    import yaml
 
     from served import Served, write_config
     ports = cluster_with_replica["ports"]
@@ -227,10 +226,8 @@ async def test_serve_starts_without_waiting_on_a_silent_replica_and_still_warns(
     node.config_set("maxmemory-policy", "allkeys-lru")
     node.close()
     path, proxy_port, admin_port = write_config(tmp_path, redis_url=cluster_with_replica["url"],
-                                                upstream_url=str(upstream.make_url("")))
-    doc = yaml.safe_load(path.read_text())
-    doc["store"]["timeout"] = 10
-    path.write_text(yaml.safe_dump(doc))
+                                                upstream_url=str(upstream.make_url("")),
+                                                store_timeout=10)
     replica = cluster_with_replica["replica"]
     os.kill(replica.pid, signal.SIGSTOP)
     started = time.monotonic()

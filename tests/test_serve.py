@@ -590,11 +590,8 @@ def test_a_stop_while_serve_checks_its_store_is_a_clean_stop_not_a_failure(tmp_p
         # writes held: the start-up check of the per-request connection (a script that
         # writes) waits there, within store.timeout, while PING is answered
         client.execute_command("CLIENT", "PAUSE", 20000, "WRITE")
-        config, proxy_port, admin_port = write_config(tmp_path,
-                                                      redis_url=f"redis://127.0.0.1:{port}/0")
-        doc = yaml.safe_load(config.read_text())
-        doc["store"]["timeout"] = 10
-        config.write_text(yaml.safe_dump(doc))
+        config, proxy_port, admin_port = write_config(
+            tmp_path, redis_url=f"redis://127.0.0.1:{port}/0", store_timeout=10)
         gw = Served(config, proxy_port, admin_port)
         try:
             deadline = time.monotonic() + 30
