@@ -64,10 +64,10 @@ def holds_key(text: str, prefix: "Prefixes") -> bool:
     return _holds(text, prefix, _key_like(prefix))
 
 
-_TOKEN_LIKE: dict[tuple[str, tuple[str, ...]], re.Pattern[str]] = {}
+_TOKEN_LIKE: dict[tuple["Prefixes", tuple[str, ...]], re.Pattern[str]] = {}
 
 
-def _token_like(prefix: str, environments: tuple[str, ...]) -> re.Pattern[str]:
+def _token_like(prefix: "Prefixes", environments: tuple[str, ...]) -> re.Pattern[str]:
     """``_key_like`` as a token is written: the prefix at the start of a word (no ASCII letter
     or digit before it; a ``_`` may be, as in ``CI_KEY_<token>``), then one of
     ``environments``. ``pkg_sha256_<hex digest>`` is none."""
@@ -76,11 +76,11 @@ def _token_like(prefix: str, environments: tuple[str, ...]) -> re.Pattern[str]:
         least = ID_LEN + SECRET_LEN
         pattern = _TOKEN_LIKE[prefix, environments] = re.compile(
             r"(?<![0-9A-Za-z])%s_(?:%s)_[0-9A-Za-z]{%d,%d}" % (
-                re.escape(prefix), "|".join(map(re.escape, environments)), least, least + 6))
+                _alternation(prefix), "|".join(map(re.escape, environments)), least, least + 6))
     return pattern
 
 
-def holds_token(text: str, prefix: str, environments: tuple[str, ...]) -> bool:
+def holds_token(text: str, prefix: "Prefixes", environments: tuple[str, ...]) -> bool:
     """Whether ``text`` holds what can only be a key's token of this gateway: the prefix at
     a word's start, one of ``environments``, and a key id and a secret's worth of base62 (the
     checksum may be mistyped or cut short: the secret is whole), percent-decoded as

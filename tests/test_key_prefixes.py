@@ -209,3 +209,30 @@ async def test_a_stop_while_serve_records_its_prefix_at_start_is_a_stop_at_once(
         finally:
             relay.release()
             served.close()
+
+
+async def test_a_token_of_an_earlier_prefix_pasted_into_the_admin_api_is_refused(
+        tmp_path, upstream, redis_url, monkeypatch):
+    """The admin API refuses to store a key's token pasted into a text field (a name, a
+    description, meta): it is listed to every keys:admin key and kept in the audit. It
+    looked only for the config's own prefix: after a change of keys.prefix, an old token
+    (still a live secret) pasted into a description was stored in the clear. Every prefix
+    recorded in the store is looked for."""
+    path = tmp_path / "keygate.yaml"
+    url = str(upstream.make_url(""))
+    write(path, _doc(url, "kg"))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch) as gw:
+        await gw.workspace("acme")
+        old, _ = await gw.key("acme", scopes=["people:read"])
+    write(path, _doc(url, "xy"))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch) as gw:
+        status, body = await gw.admin_json("POST", "/workspaces/acme/keys", {
+            "name": "ci", "scopes": ["people:read"], "description": f"was {old}"})
+        assert status == 400, body
+        assert "description" in body["error"]["message"]
+        status, body = await gw.admin_json("POST", "/workspaces/acme/keys", {
+            "name": "ci", "scopes": ["people:read"], "meta": {"note": old}})
+        assert status == 400, body
+        status, body = await gw.admin_json("PATCH", "/workspaces/acme", {"name": old})
+        assert status == 400, body
+

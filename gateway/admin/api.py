@@ -89,7 +89,7 @@ async def listing_response(body: dict[str, Any]) -> web.Response:
 
 async def create_workspace(call: Call) -> web.Response:
     data = parse_body(await call.body(), ("id", "name", "plan"), call.config.keys,
-                      call.operator_token)
+                      call.operator_token, call.store.key_prefixes_known)
     name = parse_text(data, "name", MAX_NAME, required=True)
     ws = parse_workspace_id(data["id"]) if "id" in data else None
     plan = parse_plan(data, call.config) or call.config.default_plan
@@ -114,7 +114,7 @@ async def read_workspace(call: Call) -> web.Response:
 async def patch_workspace(call: Call) -> web.Response:
     ws = await call.workspace()
     data = parse_body(await call.body(), ("name", "plan", "limits"), call.config.keys,
-                      call.operator_token)
+                      call.operator_token, call.store.key_prefixes_known)
     if not data:
         raise BadRequest("Nothing to change; send 'name', 'plan' and/or 'limits'.")
     name = parse_text(data, "name", MAX_NAME)
@@ -161,7 +161,7 @@ async def put_role(call: Call) -> web.Response:
     refuse_operator_token_in_path(call.params["name"], call.operator_token)
     name = parse_role_name(call.params["name"], "name")
     data = parse_body(await call.body(), ("scopes",), call.config.keys,
-                      call.operator_token)
+                      call.operator_token, call.store.key_prefixes_known)
     if "scopes" not in data:
         raise BadRequest("The field 'scopes' is required.")
     scopes = parse_scopes(data["scopes"])

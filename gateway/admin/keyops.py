@@ -269,7 +269,8 @@ class KeyOps:
         return controls
 
     async def create(self, raw: bytes) -> dict:
-        data = parse_body(raw, CREATE_FIELDS, self.config.keys, self._operator_token)
+        data = parse_body(raw, CREATE_FIELDS, self.config.keys, self._operator_token,
+                          self.store.key_prefixes_known)
         now = self.store.clock()
         name = parse_text(data, "name", MAX_NAME, required=True)
         description = parse_text(data, "description", MAX_DESCRIPTION, nonempty=False) or ""
@@ -324,7 +325,8 @@ class KeyOps:
 
     async def patch(self, key_id: str, raw: bytes) -> dict:
         self._key_id(key_id)
-        data = parse_body(raw, PATCH_FIELDS, self.config.keys, self._operator_token)
+        data = parse_body(raw, PATCH_FIELDS, self.config.keys, self._operator_token,
+                          self.store.key_prefixes_known)
         if not data:
             raise BadRequest(f"Nothing to change; send one or more of: {', '.join(PATCH_FIELDS)}.")
         changes: dict[str, Any] = {}

@@ -29,12 +29,13 @@ AUDIT_DEFAULT, AUDIT_MAX = 100, MAX_AUDIT_LIMIT
 
 
 def parse_body(raw: bytes, allowed: tuple[str, ...], keys: KeysConfig | None = None,
-               operator_token: str = "") -> dict[str, Any]:
+               operator_token: str = "", prefixes: tuple[str, ...] = ()) -> dict[str, Any]:
     """A JSON object whose fields are all in ``allowed`` (an empty body is ``{}``), read by
     :func:`strict_json`. With ``keys`` (the config's), no text anywhere in it may hold a
     key's token of its prefix and environments (:func:`refuse_tokens`); with
     ``operator_token`` (an operator's call only: :func:`refuse_operator_token`), nothing in
-    it may hold that."""
+    it may hold that. ``prefixes``: key prefixes besides the config's whose tokens are
+    refused too (those recorded in the store: ``Store.key_prefixes_known``)."""
     if not raw.strip():
         return {}
     try:
@@ -62,7 +63,8 @@ def parse_body(raw: bytes, allowed: tuple[str, ...], keys: KeysConfig | None = N
         takes = f"accepts: {', '.join(allowed)}" if allowed else "takes no fields"
         raise BadRequest(f"Unknown field '{shown(unknown[0])}'; this endpoint {takes}.")
     if keys is not None:
-        refuse_tokens(data, keys.prefix, keys.environments)
+        known = tuple(dict.fromkeys((keys.prefix, *prefixes)))
+        refuse_tokens(data, known[0] if len(known) == 1 else known, keys.environments)
     return data
 
 
@@ -83,7 +85,7 @@ def _texts(data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
                 pending.extend(item)
 
 
-def refuse_tokens(data: Mapping[str, Any], prefix: str,
+def refuse_tokens(data: Mapping[str, Any], prefix: str | tuple[str, ...],
                   environments: tuple[str, ...]) -> None:
     """400 naming the field when any text of ``data`` (a value, an item, a name within
     ``meta``) holds a key's token, its checksum right or not (``accesslog.holds_token``: the

@@ -59,7 +59,9 @@ class Store(KeyStore):
             "key_prefixes", (PREFIXES,), (prefix, int(self.clock() * 1000), KEY_PREFIXES_MAX),
             what="record of the key prefix")
         others = [p for p in recorded if p != prefix]
-        return [prefix, *others[:KEY_PREFIXES_MAX - 1]], int(valid)
+        seen = [prefix, *others[:KEY_PREFIXES_MAX - 1]]
+        self.key_prefixes_known = tuple(dict.fromkeys((*self.key_prefixes_known, *seen)))
+        return seen, int(valid)
 
     # --- workspaces ---------------------------------------------------------------------------
 

@@ -219,6 +219,9 @@ class StoreBase:
         # bulk queued every hash ahead of other workspaces' first requests (see _new_token);
         # turns go round the workspaces waiting, so a burst of one holds up no other
         self._hashing = FairTurns()
+        # the key prefixes read from the store (key_prefixes_seen) since start: the admin
+        # API refuses their tokens in what it stores, as the config's
+        self.key_prefixes_known: tuple[str, ...] = ()
         self._scripts = {name: client.register_script(load(f"admin_{name}").text)
                          for name in ("create_workspace", "update_workspace", "add_key",
                                       "update_key", "revoke_key", "set_role", "delete_key",
