@@ -480,7 +480,7 @@ def _cluster_port() -> int:
     import conftest
     for _ in range(100):
         port = free_port()
-        if port + 10000 > 65535:
+        if port + 10000 > 65535 or port + 10000 in conftest._HANDED_OUT:
             continue
         bus = socket.socket()
         bus.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # redis-server's too
@@ -490,6 +490,11 @@ def _cluster_port() -> int:
             bus.close()
             continue
         conftest._HELD.append(bus)
+        # and never handed out as a port of its own: a bind(0) with SO_REUSEADDR may be
+        # given a port another such socket holds (neither listening), and free_port gave the
+        # third node of a cluster the first node's bus port (36483 and 46483): that node
+        # never answered
+        conftest._HANDED_OUT.add(port + 10000)
         return port
     raise RuntimeError("no free port pair for a cluster node")
 
