@@ -255,9 +255,10 @@ class Pipeline:
 
     def learn_prefixes(self, prefixes: Iterable[str]) -> None:
         """Take ``prefixes`` among the key prefixes used: this process's config's, and those
-        recorded in the store by any keygate (``Store.key_prefixes_seen``, at start and at
-        each reload), so that a process started after a prefix changed knows the old one too.
-        The access log's and the spans' masks follow them (``running_gateway``)."""
+        recorded in the store by any keygate (``Store.key_prefixes_seen``: read at start, at a
+        reload that changes the prefix and every minute), so that a process started after a
+        prefix changed knows the old one too. The access log's and the spans' masks follow
+        them (``running_gateway``)."""
         used = self._prefixes_used
         for prefix in prefixes:
             if prefix not in used:
