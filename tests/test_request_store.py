@@ -712,3 +712,57 @@ async def test_a_call_to_keygates_own_endpoints_reads_no_counter(own_redis):
     finally:
         await store.close()
         r.close()
+
+
+async def test_a_busy_key_stamps_last_used_at_once_a_second_and_never_back(own_redis):
+    """last_used_at is shown to the second: a key's requests within one second write it once
+    (one write a second per busy key in Redis's AOF and replication stream, not one a request),
+    it holds the second of the latest request, and a replica whose clock is a little behind
+    never moves it back."""
+    seed(own_redis.url)
+    r = redis.Redis.from_url(own_redis.url)
+    store = RequestStore(own_redis.url)
+    key = key_key("acme", "k1")
+    try:
+        r.config_resetstat()
+        for i in range(50):  # within one second
+            assert (await authorize(store, now_ms=NOW_MS + 10 * i)).outcome == "ok"
+        assert r.hget(key, "last_used_at") == str(NOW_MS // 1000).encode()
+        assert r.info("commandstats")["cmdstat_hset"]["calls"] == 1
+        await authorize(store, now_ms=NOW_MS + 1500)  # the next second
+        assert r.hget(key, "last_used_at") == str(NOW_MS // 1000 + 1).encode()
+        await authorize(store, now_ms=NOW_MS + 200)  # a replica 1.3 s behind
+        assert r.hget(key, "last_used_at") == str(NOW_MS // 1000 + 1).encode()
+        await authorize(store, count=False, stamp=True, now_ms=NOW_MS + 3000)  # an admin call
+        assert r.hget(key, "last_used_at") == str(NOW_MS // 1000 + 3).encode()
+        assert r.info("commandstats")["cmdstat_hset"]["calls"] == 3
+        r.hset(key, "last_used_at", f"{NOW_MS / 1000 + 4:.3f}")  # as stored before, with ms
+        await authorize(store, now_ms=NOW_MS + 4200)
+        assert r.hget(key, "last_used_at") == f"{NOW_MS / 1000 + 4:.3f}".encode()
+        await authorize(store, now_ms=NOW_MS + 5000)
+        assert r.hget(key, "last_used_at") == str(NOW_MS // 1000 + 5).encode()
+    finally:
+        await store.close()
+        r.close()
+
+
+@pytest.mark.parametrize("quota", [None, 3])
+async def test_a_request_without_a_monthly_quota_reads_no_month_counter(own_redis, quota):
+    """The month's count is judged only under a quota; without one the count is what the
+    increment answers, and reading it first would be a command more a request. Refusals (a
+    key's own cap here) still answer the month's count."""
+    seed(own_redis.url)
+    r = redis.Redis.from_url(own_redis.url)
+    store = RequestStore(own_redis.url)
+    try:
+        r.config_resetstat()
+        used = [(await authorize(store, monthly_limit=quota, key_limit=2)) for _ in range(4)]
+        assert [d.outcome for d in used] == ["ok", "ok", "key_quota", "key_quota"]
+        assert [d.month_used for d in used] == [1, 2, 2, 2]
+        gets = r.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+        # the key's own month counter is read by each call (its cap); the workspace's month
+        # counter only under a quota, or to answer a refusal
+        assert gets == (4 + 4 if quota is not None else 4 + 2), gets
+    finally:
+        await store.close()
+        r.close()

@@ -60,12 +60,21 @@ if KEYS[8] then
     return r
   end
 end
-local k = redis.call('HMGET', KEYS[1], 'rev', 'id')
+local k = redis.call('HMGET', KEYS[1], 'rev', 'id', 'last_used_at')
 local w = redis.call('HMGET', KEYS[2], 'rev', 'id')
 if not k[2] or not w[2] or (k[1] or '0') ~= ARGV[1] or (w[1] or '0') ~= ARGV[2] then
   return {'stale', 0, 0, 0, 0, 0}
 end
 local now = tonumber(ARGV[10])
+-- last_used_at is kept to the second (what the admin API shows) and written only when that
+-- second is later than the stored one: a busy key writes it once a second, not once a
+-- request, and it never moves back (a replica's clock a little behind another's).
+local function stamp()
+  local second = math.floor(now / 1000)
+  if (tonumber(k[3]) or 0) < second then
+    redis.call('HSET', KEYS[1], 'last_used_at', second)
+  end
+end
 if ARGV[3] == 'count' and ARGV[13] ~= '0' then
   local t = redis.call('TIME')
   if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[13]) then
@@ -78,7 +87,7 @@ local key_used = 0
 if key_cap >= 0 and not spend then key_used = tonumber(redis.call('GET', KEYS[5]) or '0') end
 if ARGV[3] == 'check' or ARGV[3] == 'use' then
   if ARGV[3] == 'use' then
-    redis.call('HSET', KEYS[1], 'last_used_at', string.format('%.3f', now / 1000))
+    stamp()
   end
   return {'ok', tonumber(redis.call('GET', KEYS[3]) or '0'), -1, 0, 0, key_used}
 end
@@ -122,17 +131,21 @@ if spend then
     redis.call('ZADD', KEYS[4], now, ARGV[12])
     redis.call('PEXPIRE', KEYS[4], period)
   end
-  redis.call('HSET', KEYS[1], 'last_used_at', string.format('%.3f', now / 1000))
+  stamp()
   return {'ok', 0, -1, 0, 0, 0}
 end
 
 local quota = tonumber(ARGV[6])
-local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+local used = nil  -- the month's count: read only where a quota is judged or it is answered
+if quota >= 0 then used = tonumber(redis.call('GET', KEYS[3]) or '0') end
 local refused = nil
 if quota >= 0 and used >= quota then
   refused = 'quota'
 elseif key_cap >= 0 and key_used >= key_cap then
   refused = 'key_quota'
+end
+if used == nil and (refused or ARGV[3] == 'peek') then
+  used = tonumber(redis.call('GET', KEYS[3]) or '0')
 end
 if refused then
   -- refused: nothing counted, no rate consumed (so the rate has one more left than if admitted)
@@ -165,7 +178,7 @@ key_used = redis.call('INCR', KEYS[5])
 if key_used == 1 then redis.call('EXPIRE', KEYS[5], ARGV[11]) end
 if redis.call('INCR', KEYS[6]) == 1 then redis.call('EXPIRE', KEYS[6], ARGV[8]) end
 if redis.call('INCR', KEYS[7]) == 1 then redis.call('EXPIRE', KEYS[7], ARGV[8]) end
-redis.call('HSET', KEYS[1], 'last_used_at', string.format('%.3f', now / 1000))
+stamp()
 if KEYS[8] then
   redis.call('SET', KEYS[8], string.format('%d,%d,%d,0,%d', used, rate_remaining, reset_ms,
                                            key_used), 'PX', ARGV[14])
