@@ -284,6 +284,14 @@ def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
                 raise errors.BadRequest(f"{method_header} is not an HTTP method the proxy "
                                         "accepts.", code="bad_request")
             return method, uri[0]
+        if method_header in headers:
+            # The method without its URI: a proxy that sends the URI under another name
+            # (ingress-nginx's X-Original-URL). The call's own path would be judged instead
+            # (its auth URL's, '/' for most), letting every request through where that path
+            # is public; refused as the URI without its method is.
+            raise errors.BadRequest(f"{method_header} was sent without {uri_header}; the "
+                                    "proxy in front must send the original URI too.",
+                                    code="bad_request")
     if not suffix:
         # Envoy's path_prefix mode always sends a path after the prefix ('/' for '/'): a bare
         # call is a proxy that named no original request; judging it as '/' would let every

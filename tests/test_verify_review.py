@@ -17,7 +17,8 @@ import pytest
 from conftest import free_port
 from gateway.config import Route
 from gateway.models import MAX_SCOPE_LEN, MAX_SCOPES
-from harness import gateway_under_test, make_config, target_parser, verify_config
+from harness import (VERIFY, bearer, gateway_under_test, make_config, target_parser,
+                     verify_config)
 from test_nginx_verify import NGINX, nginx_config, nginx_stack, running_nginx
 
 # ------------------------------------------------------------------------------------------
@@ -532,3 +533,126 @@ async def test_envoys_check_timeout_outlasts_a_counted_verify(own_redis, upstrea
         assert all(status in (200, 503) for status, _ in answers), answers
         assert await gw.used() == len(allowed), answers
         assert all(took < envoy for took in allowed), (answers, envoy)
+
+
+@pytest.mark.parametrize("method_header", ["X-Original-Method", "X-Forwarded-Method"])
+async def test_a_method_header_without_its_uri_is_not_silently_replaced_by_the_calls_own(
+        redis_url, upstream, monkeypatch, method_header):
+    """A verify call that names the original method (``X-Original-Method: DELETE``) but no
+    original URI was judged as the call's *own* method and the path after the prefix: with the
+    auth URL written with a trailing slash (``.../_keygate/v1/verify/``, as ingress-nginx's
+    ``auth-url`` is often written; its subrequest sends ``X-Original-Method`` and
+    ``X-Original-URL``, never ``X-Original-URI``), every request is judged as ``GET /``: where
+    ``/`` is a public route, ``DELETE /people/1`` without any key is answered 200 and the
+    front proxy forwards it. keygate already refuses the mirror case (a URI header without
+    its method: ``test_an_original_uri_without_its_method_is_refused``) and a bare call
+    (``test_a_call_that_names_no_original_request_is_refused``) for exactly this reason; a
+    method header without its URI is the same half-configured proxy and must be a 400 too,
+    never a 200 for another request than the one named."""
+    config = verify_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, routes=(Route("/", "api", ("GET",), (), True),)
+                                 + config.routes)
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        async with g.proxy.get(VERIFY + "/", headers={
+                method_header: "DELETE",
+                "X-Original-URL": "http://api.example/people/1"}) as r:
+            body = await r.read()
+            assert r.status == 400, (r.status, body)
+        assert upstream.requests == []
+
+
+async def test_nginx_with_an_auth_url_naming_the_method_but_no_uri_forwards_nothing_unkeyed(
+        tmp_path, own_redis, monkeypatch):
+    """The same, in a real nginx: ingress-nginx's auth subrequest (reproduced here) sends
+    ``X-Original-Method`` and ``X-Original-URL`` only; with its ``auth-url`` ending in ``/``
+    and no ``auth-proxy-set-headers`` ConfigMap yet, keygate judged every request as
+    ``GET /``. A client's ``DELETE /people/1`` without any key reached the API, where ``/`` is
+    a public route. It must be refused (nginx turns keygate's 400 into a 500), never
+    forwarded."""
+    from test_nginx_verify import NGINX, nginx_main, raw_api, running_nginx
+    if NGINX is None:
+        pytest.skip("nginx is not installed")
+    from conftest import free_port
+    from harness import make_config
+    config = make_config("http://127.0.0.1:9")
+    config = dataclasses.replace(config, upstreams={}, routes=(
+        Route("/", None, ("GET",), (), True),
+        Route("/people/**", None, ("GET", "DELETE"), ("people:write",)),
+    ))
+    async with raw_api() as (api_port, heads):
+        async with gateway_under_test(config, own_redis.url, monkeypatch) as gw:
+            port = free_port()
+            conf = nginx_main(tmp_path, f"""
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            auth_request /_external-auth;
+            proxy_pass http://127.0.0.1:{api_port};
+        }}
+        location = /_external-auth {{
+            internal;
+            proxy_pass http://127.0.0.1:{gw.proxy_server.port}/_keygate/v1/verify/;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URL $scheme://$http_host$request_uri;
+            proxy_set_header X-Original-Method $request_method;
+        }}
+    }}""")
+            async with running_nginx(conf, port):
+                base = f"http://127.0.0.1:{port}"
+                host, p = base.rsplit("/", 1)[1].rsplit(":", 1)
+                reader, writer = await asyncio.open_connection(host, int(p))
+                writer.write(b"DELETE /people/1 HTTP/1.1\r\nHost: api\r\n"
+                             b"Connection: close\r\n\r\n")
+                answer = await asyncio.wait_for(reader.read(), 10)
+                writer.close()
+    assert heads == [], (answer[:200], heads)
+    assert not answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+@pytest.mark.parametrize("uri_headers", [("X-Forwarded-Method", "X-Forwarded-Uri"),
+                                         ("X-Original-Method", "X-Original-URI")])
+async def test_an_original_uri_the_proxy_forwards_is_not_refused_for_its_length_in_a_header(
+        redis_url, monkeypatch, uri_headers):
+    """keygate's own proxy forwards a request line of up to 32 KiB (``HEAD_MAX``: a search or
+    GraphQL GET with a long query), and verify in Envoy's path_prefix mode allows it too; but
+    the same URI named in ``X-Forwarded-Uri`` (Traefik's forwardAuth, whose Go server takes
+    1 MB of head) or ``X-Original-URI`` is refused 400 ``bad_request`` "The request line or a
+    header field is over 8 KiB": aiohttp's default ``max_field_size`` (8190) bounds a header
+    value, while the proxy listener raised only ``max_line_size``. SPEC: verify runs the
+    pipeline on the original request and refuses only with what the proxy would answer."""
+    from harness import raw_upstream
+    heads: list[bytes] = []
+
+    async def answer(reader, writer):
+        try:
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        finally:
+            writer.close()
+    srv, url = await raw_upstream(answer)
+    method_header, uri_header = uri_headers
+    try:
+        async with gateway_under_test(verify_config(url), redis_url, monkeypatch) as gw:
+            await gw.workspace("acme")
+            token, _ = await gw.key(scopes=["people:read"])
+            port = gw.proxy_server.port
+            uri = "/people/1?q=" + "a" * 12000
+            forwarded = await _exchange(port, (
+                f"GET {uri} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n"
+                "Connection: close\r\n\r\n").encode())
+            assert forwarded.startswith(b"HTTP/1.1 200 "), forwarded[:200]
+            assert len(heads) == 1  # the proxy forwards it
+            by_prefix = await _exchange(port, (
+                f"GET {VERIFY}{uri} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n"
+                "Connection: close\r\n\r\n").encode())
+            assert by_prefix.startswith(b"HTTP/1.1 200 "), by_prefix[:200]
+            by_header = await _exchange(port, (
+                f"GET {VERIFY} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n"
+                f"{method_header}: GET\r\n{uri_header}: {uri}\r\n"
+                "Connection: close\r\n\r\n").encode())
+            assert by_header.startswith(b"HTTP/1.1 200 "), by_header[:300]
+    finally:
+        srv.close()
