@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from .config import Config, TLSConfig, load_config, servable_problems
+from .config.loader import top_level_line
 from .errors import BadRequest, ConfigError, Conflict, StoreError
 
 log = logging.getLogger("keygate")
@@ -87,6 +88,25 @@ def keep_restart_only(old: Config, new: Config) -> tuple[Config, tuple[str, ...]
     return dataclasses.replace(new, **sections), tuple(kept)
 
 
+def kept_clashes(merged: Config, new: Config) -> list[str]:
+    """What ``merged`` (the file's config with the restart-only settings in force put back)
+    holds that no file could: a header the file names for the identity or the credential that
+    is the name the signature in force is sent in. The file alone is checked against its own
+    ``identity_signature``, not against the one kept until a restart; swapped in, the upstream
+    would get two fields of that name and every signature check would fail."""
+    signature = merged.identity_signature
+    if signature is None or signature == new.identity_signature:
+        return []
+    name = signature.header.lower()
+    named = [(f"identity_headers.{f}", getattr(merged.identity_headers, f))
+             for f in ("workspace", "key_id", "scopes", "plan")]
+    named += [("keys.headers", h) for h in merged.keys.headers]
+    return [f"{merged.source}:{top_level_line(merged.source, field.partition('.')[0])}: "
+            f"{field}: '{header}' is the header the signed identity is sent in until a restart "
+            f"(identity_signature is kept as it is in force); name it otherwise, or restart "
+            "to move the signature" for field, header in named if header.lower() == name]
+
+
 class Reloader:
     """Owns one gateway's reloads. ``apply`` does the swap (built by ``gateway.app``).
 
@@ -132,13 +152,15 @@ class Reloader:
                     raise ConfigError(problems)
                 if problems := await self._in_use(new):
                     raise ConfigError(problems)
+                merged, kept = keep_restart_only(self.config, new)
+                if problems := kept_clashes(merged, new):
+                    raise ConfigError(problems)
             except ConfigError as exc:
                 for problem in exc.problems:
                     log.error("reload refused: %s", problem)
                 log.error("reload refused: the config in force is unchanged")
                 self._count("error")
                 raise
-            merged, kept = keep_restart_only(self.config, new)
             try:
                 self.apply(merged)
             except ConfigError as exc:  # e.g. a certificate replaced between check and load

@@ -2418,3 +2418,59 @@ async def test_a_key_header_name_a_reload_retired_never_carries_a_token_upstream
                       if h and h.get("x-api-key")]
             assert [s for s, _ in after] == [200, 200], after
             assert leaked == [], f"a live token reached the upstream under the retired name: {leaked}"
+
+
+async def test_a_reload_never_gives_an_identity_header_the_name_of_the_signature_in_force(
+        tmp_path, redis_url, monkeypatch):
+    """``identity_signature`` is restart-only: a reload keeps the running one (header
+    ``X-Keygate-Signature``, the default) whatever the file says. A file that moves the
+    signature to ``X-Sig`` and names the workspace identity header ``X-Keygate-Signature``
+    is valid on its own (``config check`` refuses that name for an identity header only when
+    it is the signature's), so the reload took it: the merged config, which no file could
+    hold, sent every upstream two ``X-Keygate-Signature`` fields (the workspace id and the
+    signature), and ``gateway.signature.verify`` refuses every request with a repeated
+    signature header. The reload must refuse such a file (400, nothing changed), or keep
+    the header names apart."""
+    import yaml
+    from aiohttp import web
+    from gateway.config import load_config
+    from gateway.signature import verify as verify_signature
+    from harness import serving
+    secret = "s" * 40
+    monkeypatch.setenv("KG_SIGNING", secret)
+    seen: list[tuple[str, str, list[tuple[str, str]]]] = []
+
+    async def api(request: web.Request) -> web.Response:
+        seen.append((request.method, request.raw_path, list(request.headers.items())))
+        return web.Response(text="ok")
+
+    async with serving(api) as url:
+        doc = {
+            "server": {"host": "127.0.0.1", "port": 18080},
+            "admin": {"host": "127.0.0.1", "port": 18081},
+            "keys": {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
+            "upstreams": {"api": {"url": url, "timeout": 5}},
+            "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
+                        "scopes": ["people:read"]}],
+            "identity_signature": {"secret_env": "KG_SIGNING"},
+        }
+        path = tmp_path / "keygate.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                      config_path=str(path)) as gw:
+            await gw.workspace("acme", plan="default")
+            token, _ = await gw.key(scopes=["people:read"])
+            doc["identity_signature"] = {"secret_env": "KG_SIGNING", "header": "X-Sig"}
+            doc["identity_headers"] = {"workspace": "X-Keygate-Signature"}
+            path.write_text(yaml.safe_dump(doc))
+            load_config(path)  # valid on its own
+            status, body = await gw.admin_json("POST", "/reload")
+            async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 200
+    method, target, headers = seen[-1]
+    named = [v for k, v in headers if k.lower() == "x-keygate-signature"]
+    assert status == 400, body  # refused, naming the field and the way out
+    assert any("identity_headers.workspace" in p and "restart" in p
+               for p in body["error"]["problems"]), body
+    assert len(named) == 1 and verify_signature(dict(headers), method, target, secret)
+
