@@ -2449,3 +2449,67 @@ async def test_a_deleted_key_leaves_every_listing_and_its_id_is_not_found_but_it
             assert b"name" not in gone and b"hash" in gone  # what verification needs only
         finally:
             client.close()
+
+
+async def test_a_rotation_refused_over_a_lowered_cap_names_the_cap_and_no_grace_that_is_not_there(
+        gut):
+    """An operator lowers a customer's key cap with a workspace override (``limits.max_keys``)
+    below the keys it already has. Rotating one of them with a grace is then refused 409
+    ``key_limit_reached`` (right), but the message says the cap is "the 2 active keys its plan
+    allows" (the plan 'starter' allows 5; the 2 is the workspace's own override) and that "a
+    rotation's grace period is running" (none is: the workspace is over because its cap was
+    lowered). A create at the same moment names the source correctly ("set by the
+    workspace's own limits"), so the two answers about one cap disagree, and the operator is
+    sent looking for a grace period that does not exist."""
+    await gut.workspace("acme", plan="starter")  # 5 keys
+    keys = [(await gut.key(name=f"k{i}"))[1] for i in range(4)]
+    status, _ = await gut.admin_json("PATCH", "/workspaces/acme", {"limits": {"max_keys": 2}})
+    assert status == 200
+    status, create = await gut.admin_json("POST", "/workspaces/acme/keys",
+                                          {"name": "five", "scopes": ["people:read"]})
+    assert (status, create["error"]["code"]) == (409, "key_limit_reached")
+    assert "set by the workspace's own limits" in create["error"]["message"]  # as it should
+    status, body = await gut.admin_json("POST", f"/workspaces/acme/keys/{keys[0]['id']}/rotate",
+                                        {"grace_seconds": 60})
+    assert (status, body["error"]["code"]) == (409, "key_limit_reached"), body
+    message = body["error"]["message"]
+    assert "grace period is running" not in message, message
+    assert "its plan allows" not in message and "workspace's own limits" in message, message
+
+
+async def test_rotating_an_expired_key_at_an_overridden_cap_names_the_override(redis_url,
+                                                                               upstream,
+                                                                               monkeypatch):
+    """The same for an expired key's rotation: refused at a cap set by the workspace's own
+    limits, the message blames "the active keys its plan allows"."""
+    clock = Clock(time.time())
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
+        await g.workspace("acme", plan="starter")  # 5 keys
+        _, old = await g.key(name="old", expires_in=60)
+        await g.key(name="a")
+        await g.key(name="b")
+        clock.now += 120
+        status, _ = await g.admin_json("PATCH", "/workspaces/acme", {"limits": {"max_keys": 2}})
+        assert status == 200
+        status, body = await g.admin_json("POST", f"/workspaces/acme/keys/{old['id']}/rotate")
+        assert (status, body["error"]["code"]) == (409, "key_limit_reached"), body
+        message = body["error"]["message"]
+        assert "its plan allows" not in message and "workspace's own limits" in message, message
+
+
+async def test_a_garbled_cursor_is_400_not_read_as_the_cursor_it_was_garbled_from(gut):
+    """A cursor is read with ``base64.urlsafe_b64decode``, which silently drops every character
+    outside the base64 alphabet: a cursor with characters inserted (``*!~.``, a copy-paste
+    accident, a truncating/expanding log) is read as the cursor it came from and answered 200.
+    The listing says a cursor it did not give is 400 ("is not a cursor this listing gave"),
+    and 'garbage' is; a garbled one of ours must be too."""
+    await gut.workspace("acme", plan="unlimited")
+    for i in range(3):
+        await gut.key(name=f"k{i}")
+    _, first = await gut.admin_json("GET", "/workspaces/acme/keys?limit=1")
+    cursor = first["next_cursor"]
+    garbled = cursor[:8] + "*!~." + cursor[8:]
+    assert garbled != cursor
+    status, body = await gut.admin_json("GET", f"/workspaces/acme/keys?limit=1&cursor={garbled}")
+    assert status == 400 and body["error"]["code"] == "bad_request", body

@@ -73,7 +73,11 @@ def _cursor(sort: str, sort_key: tuple) -> str:
 def _after(text: str, sort: str) -> tuple:
     """The sort key a ``cursor`` continues after (400 if it is not one of ours for ``sort``)."""
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        # validate=True: characters outside the alphabet are refused, not skipped (a cursor
+        # garbled in a copy was read as the one it was garbled from)
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+        if base64.urlsafe_b64encode(raw).decode().rstrip("=") != text:
+            raise ValueError  # not as _cursor writes one (stray bits in the last character)
         data = strict_json(raw)  # a NaN sort key compares below every key: an empty page
         if not (isinstance(data, list) and len(data) == 3 and data[0] == sort
                 and isinstance(data[2], str)

@@ -332,26 +332,30 @@ class KeyStore(StoreBase):
         if active >= max_keys + over:
             raise refusal(workspace)
 
-    def _at_cap(self, ws: str, workspace: Workspace) -> Conflict:
-        # the cap, not a count: a lowered cap can leave more active keys than it
+    def _cap(self, workspace: Workspace) -> str:
+        """'its cap of N active keys (set by ...)': the cap, not a count (a lowered cap can
+        leave more active keys than it), and where it comes from, as the workspace object
+        shows the limits in force."""
         source = "the workspace's own limits" if any(
             name == "max_keys" for name, _ in workspace.overrides) \
             else f"its plan '{workspace.plan}'"
-        return Conflict(f"Workspace '{shown_ws(ws)}' is at its cap of "
-                        f"{self._max_keys(workspace)} active keys (set by {source}); "
+        return f"its cap of {self._max_keys(workspace)} active keys (set by {source})"
+
+    def _at_cap(self, ws: str, workspace: Workspace) -> Conflict:
+        return Conflict(f"Workspace '{shown_ws(ws)}' is at {self._cap(workspace)}; "
                         "revoke one first.", code="key_limit_reached")
 
     def _expired_at_cap(self, ws: str, key_id: str, workspace: Workspace) -> Conflict:
-        return Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
-                        f"'{shown_ws(ws)}' already has the "
-                        f"{self._max_keys(workspace)} active keys its plan allows.",
+        return Conflict(f"Key '{shown(key_id, 12)}' has expired, so its successor is one more "
+                        f"active key, and workspace '{shown_ws(ws)}' is at "
+                        f"{self._cap(workspace)}; revoke a key first.",
                         code="key_limit_reached")
 
     def _over_cap_in_grace(self, ws: str, workspace: Workspace) -> Conflict:
-        return Conflict(f"Workspace '{shown_ws(ws)}' is already over the "
-                        f"{self._max_keys(workspace)} active keys its plan allows "
-                        "(a rotation's grace period is running); rotate without a "
-                        "grace, or revoke a key first.", code="key_limit_reached")
+        return Conflict(f"Workspace '{shown_ws(ws)}' is already over {self._cap(workspace)}, "
+                        "and a rotation with a grace keeps both keys active until the grace "
+                        "ends; rotate without a grace, or revoke a key first.",
+                        code="key_limit_reached")
 
     async def _release_id(self, key_id: str) -> None:
         with store_errors("write"):
@@ -737,9 +741,8 @@ class KeyStore(StoreBase):
     def _superseded_at_cap(self, ws: str, key_id: str, workspace: Workspace) -> Conflict:
         return Conflict(f"Key '{shown(key_id, 12)}' was rotated already and the key that "
                         f"rotation made is active, so rotating it again makes one more active "
-                        f"key, and workspace '{shown_ws(ws)}' already has the "
-                        f"{self._max_keys(workspace)} active keys its plan allows. Revoke "
-                        "the old key instead (or revoke another key first).",
+                        f"key, and workspace '{shown_ws(ws)}' is at {self._cap(workspace)}. "
+                        "Revoke the old key instead (or revoke another key first).",
                         code="key_limit_reached")
 
     @staticmethod
@@ -845,14 +848,12 @@ class KeyStore(StoreBase):
                            "checked; read it again and retry.")
         if reply == "limit":
             raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
-                           f"'{shown_ws(ws)}' already has the {max_keys} active keys its plan "
-                           "allows; a new expiry would make it active again.",
-                           code="key_limit_reached")
+                           f"'{shown_ws(ws)}' is at {self._cap(workspace)}; a new expiry "
+                           "would make it active again.", code="key_limit_reached")
         if reply == "over_limit":
-            raise Conflict(f"Workspace '{shown_ws(ws)}' is over the {max_keys} active keys its "
-                           "plan allows (a rotation's grace period is running, or the cap was "
-                           f"lowered): a later expiry for key '{shown(key_id, 12)}' would keep "
-                           "it over. Revoke a key first, or let the grace end.",
+            raise Conflict(f"Workspace '{shown_ws(ws)}' is over {self._cap(workspace)}: a "
+                           f"later expiry for key '{shown(key_id, 12)}' would keep it over. "
+                           "Revoke a key first (or let a rotation's grace end).",
                            code="key_limit_reached")
         key = key_from_hash(hash_pairs(reply))
         if key is None:
