@@ -189,6 +189,7 @@ async def running_gateway(config: Config, store_url: str, *,
                                    max_connections=raise_open_file_limit(config),
                                    inline=True)
         proxy_server.on_refused = metrics.connections_refused.inc
+        proxy_server.on_unreadable = pipeline.unreadable  # its parser's 400s: logged, counted
         tls = {name: ListenerTLS(section.tls) for name, section in
                (("proxy", config.server), ("admin", config.admin)) if section.tls is not None}
         gw = Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server,

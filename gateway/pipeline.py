@@ -39,7 +39,7 @@ from .usage import Month, MonthCache, ratelimit_headers, utc_day
 from .models import Principal, Route, rfc3339
 from .routes import RouteTable, check_path, no_route, query_has_token
 from .tokens import adoptable_request_id
-from .tracing import Trace, Tracer
+from .tracing import Trace, Tracer, new_span_id, new_trace_id
 from .trust import TrustedProxies
 
 log = logging.getLogger("keygate.proxy")
@@ -82,6 +82,18 @@ class Outcome:
         self.own_timeout = None
         self.trace = None  # gateway.tracing.Trace
         self.client = None  # the client address the key was checked for (Pipeline.client_ip)
+
+
+class _Unread:
+    """What the access log reads of a request that could not be read (``Pipeline.unreadable``):
+    "-" for its method and path, no declared body, the connection's peer and transport (None:
+    nothing was sent)."""
+    __slots__ = ("remote", "transport")
+    method = raw_path = "-"
+    content_length = None
+
+    def __init__(self, remote: str | None, transport) -> None:
+        self.remote, self.transport = remote, transport
 
 
 def _held_back_its_body(request: web.BaseRequest) -> bool:
@@ -790,8 +802,37 @@ class Pipeline:
         rid = request.headers.get(_X_REQUEST_ID)
         if rid is not None and adoptable_request_id(rid, self.operator_token):
             return rid
-        self._rid_counter += 1
+        self._rid_counter += 1  # (inline: unreadable makes its ids likewise)
         return f"{self._rid_prefix}{self._rid_counter:012x}"
+
+    def unreadable(self, error: GatewayError, remote: str | None, transport,
+                   waited: float = 0.0) -> web.StreamResponse:
+        """The answer to a request the proxy listener could not read, logged and counted as
+        any answer is (the listener's ``ProxyServer.on_unreadable``): one its HTTP parser
+        refused (bad header syntax, a head over 32 KiB, a refused version, broken framing:
+        400 ``bad_request``), or, with ``transport`` None, a head cut off unanswered at
+        ``server.timeouts.header`` after ``waited`` seconds (408 ``request_timeout``, never
+        sent). Nothing of the request is read: its method and path are logged as "-" (never a
+        byte of it: it may hold a token), the client is the connection's peer, the request
+        id is a new one of this pipeline's (the one the answer's body and ``X-Request-Id``
+        say), the trace a new one (no span is recorded for it). Counted in
+        ``keygate_requests_total`` under route ``(none)``, method ``OTHER``. Never on the
+        usual request's path."""
+        started = time.perf_counter()
+        self._rid_counter += 1  # as _request_id makes one
+        request_id = f"{self._rid_prefix}{self._rid_counter:012x}"
+        response = error.response(request_id)
+        outcome = Outcome()
+        outcome.code = error.code
+        outcome.client = remote
+        outcome.trace = Trace(new_trace_id(), new_span_id(), self.tracer.new_flags)
+        elapsed = waited + time.perf_counter() - started
+        m = self.metrics
+        if m is not None:
+            m.observe_request("(none)", "OTHER", response.status, None, elapsed)
+        if self.access is not None:
+            self.access(_Unread(remote, transport), response, outcome, request_id, elapsed)
+        return response
 
     def client_ip(self, request: web.BaseRequest) -> str:
         peer = request.remote or "unknown"

@@ -41,7 +41,7 @@ from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..errors import BadRequest, GatewayError, body_cut_short
+from ..errors import BadRequest, GatewayError, RequestTimeout, body_cut_short
 from .connection import ClientGone
 from .response import WholeResponse
 from .vanish import set_vanish_options, vanish_options
@@ -111,6 +111,14 @@ class FramingRefused(VersionRefused):
                "Content-Length.")
 
 
+def _remote(transport) -> str | None:
+    """The peer address of ``transport``, as aiohttp's ``BaseRequest.remote`` gives it."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if peer is None:
+        return None
+    return str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer)
+
+
 def _head_size(message) -> int:
     """The bytes of a parsed request head as parsed: the request line, each ``Name: value``
     line, the empty line. Less than the bytes sent by the optional blanks the parser strips
@@ -172,7 +180,9 @@ class BodyFramingBroken(ConnectionResetError):
 
 class _JsonErrorRequestHandler(RequestHandler):
     """aiohttp answers requests its HTTP parser refuses (ambiguous framing, bad header
-    syntax) itself, as text; keygate's contract is a JSON body for every error.
+    syntax) itself, as text; keygate's contract is a JSON body for every error. On the proxy
+    listener that answer is made, logged and counted by the server's ``on_unreadable``
+    (``Pipeline.unreadable``), as is a head cut off at the header timeout (``head_timed_out``).
 
     It also holds the edge's limits that aiohttp lacks (``server.timeouts.header`` and
     ``server.max_connections``); idle keep-alive is aiohttp's own ``keepalive_timeout``."""
@@ -831,9 +841,35 @@ class _JsonErrorRequestHandler(RequestHandler):
             log.debug("refused a malformed request from %s: %s", request.remote,
                       _parser_reason(exc))
             error = BadRequest("The request is not valid HTTP/1.1.", status=status)
-        response = error.response(uuid.uuid4().hex)
+        response = None
+        if status < 500:  # a request the parser refused (never the usual request's path)
+            unreadable = getattr(self._manager, "on_unreadable", None)
+            if unreadable is not None:  # the proxy listener: logged and counted
+                try:
+                    response = unreadable(error, request.remote, request.transport)
+                except Exception:
+                    log.exception("logging a request the parser refused failed")
+        if response is None:
+            response = error.response(uuid.uuid4().hex)
         response.force_close()
         return response
+
+    def head_timed_out(self) -> None:
+        """``server.timeouts.header`` passed without a whole request head: closed unanswered.
+        One whose client sent some of a head (blank lines before a request line are none)
+        is logged and counted (``on_unreadable``, 408 ``request_timeout``, nothing sent), as
+        nginx logs a ``client_header_timeout`` once bytes came; one that sent nothing (a
+        connection opened ahead of need, an idle keep-alive one) is not."""
+        unreadable = getattr(self._manager, "on_unreadable", None)
+        if unreadable is not None and self._head_bytes \
+                and self._head_from == self._request_count and self._head_since is not None:
+            try:
+                unreadable(RequestTimeout("The request head did not arrive in time."),
+                           _remote(self.transport), None,
+                           self._loop.time() - self._head_since)
+            except Exception:
+                log.exception("logging a request head cut off at the header timeout failed")
+        self.force_close()  # closes the transport
 
 
 # Where the reason in a parser's message ends and its quote of the bytes refused begins: the
@@ -1273,6 +1309,10 @@ class ProxyServer(web.Server):
         self.max_connections = max_connections
         self.refused_connections = 0
         self.on_refused: Callable[[], None] | None = None  # told of each (a metric)
+        # the proxy listener's: makes, logs and counts the answer to a request that could not
+        # be read (Pipeline.unreadable): (error, peer, transport, waited) -> response. None
+        # (the admin listener): its refusals are answered as they always were, unlogged
+        self.on_unreadable: Callable[..., web.StreamResponse] | None = None
         self.stopping = False  # from pre_shutdown on: bodies in flight are still read
         self._sweeper: asyncio.Task | None = None
 
@@ -1310,7 +1350,7 @@ class ProxyServer(web.Server):
             deadline = now - timeout
             for handler in list(self._connections):
                 if handler.head_overdue(deadline):
-                    handler.force_close()  # closes the transport
+                    handler.head_timed_out()  # closes the transport
                 elif flush and handler.flush_overdue(now, flush):
                     log.info("a client did not take the rest of its answer within %g s of "
                              "its connection's close; cut off", flush)
