@@ -67,13 +67,21 @@ def _is_port(text: str) -> bool:
 def throttle_client(address: str) -> str:
     """Who the failed-verification throttle and the verification queue count an address as:
     an IPv4 address itself, an IPv6 address its /64 (a subscriber is handed a whole /64, and
-    an attacker rotating addresses inside it is one client, as a NAT'd IPv4 site is)."""
+    an attacker rotating addresses inside it is one client, as a NAT'd IPv4 site is). An
+    address in the NAT64 well-known prefix 64:ff9b::/96 (RFC 6052: how an IPv6-only
+    deployment behind SIIT-DC or NAT46 sees each IPv4 client) is the IPv4 address it carries:
+    by its /64, the whole IPv4 Internet was one client there."""
     if ":" not in address:
         return address
     ip = parse_ip(address)
     if ip is None or ip.version == 4:
         return address if ip is None else str(ip)
+    if int(ip) >> 32 == _NAT64_WKP:
+        return str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
     return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+_NAT64_WKP = int(ipaddress.IPv6Address("64:ff9b::")) >> 32  # 64:ff9b::/96, as its top 96 bits
 
 
 def as_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

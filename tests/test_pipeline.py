@@ -1070,3 +1070,89 @@ async def test_a_joiner_whose_client_goes_during_its_own_failure_check_ends_and_
             for t in (first, joined):
                 if t is not None:
                     await asyncio.wait({t}, timeout=10)
+
+
+async def test_unknown_key_id_and_wrong_secret_take_the_same_store_round_trips(
+        redis_url, upstream, monkeypatch):
+    """A token whose key id has no key is verified against a decoy "so that its timing tells
+    no key id exists" (gateway/auth.py). Against a store a round trip away (a managed Redis in
+    another zone: 0.5-2 ms; here 40 ms, to see it plainly) a wrong secret cost a store round
+    trip an unknown id did not: the key id was looked up, and only an existing one's record
+    read. Both now make the same calls (the metrics' per-call counts), so take the same
+    number of round trips."""
+    from harness import HeldReplies
+    config = make_config(str(upstream.make_url("")))
+    async with HeldReplies(redis_url) as far, \
+            gateway_under_test(config, far.url, monkeypatch) as g:
+        await g.workspace()
+        token, key = await g.key()
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+
+        def forged(key_id: str, i: int) -> str:
+            head = f"kg_live_{key_id}{i:032d}"
+            return head + checksum(head)
+
+        calls = ("failure_counts", "key_workspace", "read_key", "record_failure", "authorize")
+
+        def counts() -> dict[str, float]:
+            return {c: g.counter("keygate_store_call_duration_seconds_count", call=c)
+                    for c in calls}
+
+        async def refused(bad: str) -> tuple[float, dict[str, float]]:
+            before = counts()
+            started = asyncio.get_running_loop().time()
+            async with g.proxy.get("/people/1", headers=bearer(bad)) as r:
+                assert (r.status, (await r.json())["error"]["code"]) == (401, "invalid_key")
+            took = asyncio.get_running_loop().time() - started
+            return took, {c: n - before[c] for c, n in counts().items()}
+
+        far.reply_delay = 0.04
+        wrong, unknown = [], []
+        for i in range(4):  # per_key 10, per_ip 20 in the harness config: all stay 401
+            wrong.append(await refused(forged(key["id"], i)))
+            unknown.append(await refused(forged(f"{i:012d}", i)))
+        assert all(made == wrong[0][1] for _, made in wrong + unknown), (wrong, unknown)
+        assert wrong[0][1]["read_key"] == 1 and wrong[0][1]["key_workspace"] == 1
+        # and in time: the median refusals (a background call of the store client's, such as
+        # a clock reading, can add a round trip to any one of them) within half a round trip
+        gap = sorted(t for t, _ in wrong)[2] - sorted(t for t, _ in unknown)[2]
+        assert abs(gap) < 0.02, (wrong, unknown)
+
+
+async def test_ipv4_clients_translated_into_the_nat64_prefix_are_not_one_client(
+        redis_url, upstream, monkeypatch):
+    """An IPv6-only deployment (SIIT-DC / NAT46 in front, RFC 6052's well-known prefix
+    64:ff9b::/96; RFC 7755) sees every IPv4 client as 64:ff9b::<its IPv4 address>. The
+    throttle counts an IPv6 client by its /64, so the whole IPv4 Internet is one client there:
+    one attacker's 20 wrong guesses answer every other IPv4 client's first request 429
+    too_many_failures (and share one verify_queue.per_ip). An address in 64:ff9b::/96
+    carries an IPv4 address, as ::ffff:0:0/96 does, and should be counted as that address."""
+    from gateway.tokens import make_token
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(
+        config, keys=dataclasses.replace(config.keys, failures=FailureLimits(20, None, 60)),
+        server=ServerConfig(host="127.0.0.1", access_log="off",
+                            trusted_proxies=("127.0.0.1/32",)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        g.gw.pipeline.auth.cache.clear()
+        attacker = {"X-Forwarded-For": "64:ff9b::c633:6407"}  # 198.51.100.7
+        for _ in range(20):
+            async with g.proxy.get("/people/1", headers={
+                    **bearer(make_token("kg", "live")[0]), **attacker}) as r:
+                assert r.status == 401
+        other = {"X-Forwarded-For": "64:ff9b::cb00:7109"}  # 203.0.113.9, never failed
+        async with g.proxy.get("/people/1", headers={**bearer(token), **other}) as r:
+            assert r.status == 200, (r.status, await r.text())
+
+
+def test_the_throttle_counts_a_nat64_address_as_the_ipv4_address_it_carries():
+    assert throttle_client("64:ff9b::c633:6407") == "198.51.100.7"
+    assert throttle_client("64:ff9b::198.51.100.7") == "198.51.100.7"
+    assert throttle_client("::ffff:198.51.100.7") == "198.51.100.7"
+    # outside the /96 (64:ff9b:1::/48, RFC 8215's local-use prefix, places the IPv4 address
+    # where its operator chose): by its /64, as any IPv6 address
+    assert throttle_client("64:ff9b:0:0:1::c633:6407") == "64:ff9b::/64"
+    assert throttle_client("2001:db8::1") == "2001:db8::/64"
