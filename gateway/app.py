@@ -177,11 +177,10 @@ async def running_gateway(config: Config, store_url: str, *,
         timeouts = config.server.timeouts
         # max_line_size: a request line is bounded by the head's bound alone, so a path past
         # the parser's own 8 KiB is refused by path sanity (400 bad_path), as any over-long
-        # path is, not as unreadable HTTP. max_field_size likewise: a verify call names the
-        # original URI in a header field (X-Forwarded-Uri), which must take every URI the
-        # proxy itself would forward.
+        # path is, not as unreadable HTTP. A header field keeps aiohttp's 8 KiB (nginx's and
+        # most upstreams' bound on one line; trailer fields too, which HEAD_MAX does not
+        # count): a verify call's X-Forwarded-Uri over it is refused, saying so.
         proxy_server = ProxyServer(pipeline.handle, access_log=None, max_line_size=HEAD_MAX,
-                                   max_field_size=HEAD_MAX,
                                    auto_decompress=False, keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
                                    write_timeout=timeouts.body,

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from .config import Config, TLSConfig, load_config, servable_problems
 from .config.loader import top_level_line
+from .models import header_key
 from .errors import BadRequest, ConfigError, Conflict, StoreError
 
 log = logging.getLogger("keygate")
@@ -97,14 +98,14 @@ def kept_clashes(merged: Config, new: Config) -> list[str]:
     signature = merged.identity_signature
     if signature is None or signature == new.identity_signature:
         return []
-    name = signature.header.lower()
+    name = header_key(signature.header)  # case and punctuation, as the file's own checks
     named = [(f"identity_headers.{f}", getattr(merged.identity_headers, f))
              for f in ("workspace", "key_id", "scopes", "plan")]
     named += [("keys.headers", h) for h in merged.keys.headers]
     return [f"{merged.source}:{top_level_line(merged.source, field.partition('.')[0])}: "
             f"{field}: '{header}' is the header the signed identity is sent in until a restart "
             f"(identity_signature is kept as it is in force); name it otherwise, or restart "
-            "to move the signature" for field, header in named if header.lower() == name]
+            "to move the signature" for field, header in named if header_key(header) == name]
 
 
 class Reloader:
