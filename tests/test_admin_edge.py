@@ -470,6 +470,43 @@ async def test_a_repeated_authorization_header_on_the_admin_listener_is_400(
         assert await admin_get(g, "/admin/v1/workspaces") == (200, {"items": []})
 
 
+CONSOLE_HEADERS = ("Content-Security-Policy", "X-Frame-Options", "X-Content-Type-Options",
+                   "Cache-Control")
+
+
+@pytest.mark.parametrize("what", ["long-url", "large-cookie"])
+async def test_a_console_address_a_browser_can_send_is_answered_with_the_consoles_headers(
+        redis_url, upstream, monkeypatch, what):
+    """SPEC (Console): every page sets a strict CSP and X-Frame-Options: DENY; the code's own
+    promise (gateway/admin/console.py _console_headers) is that every answer under /console/
+    is the console's, a 404 or 405 too. A browser reaches /console/ with a URL over 8 KiB (a
+    pasted link with a long query) or with large cookies for the host (cookies are per host,
+    not per port: any app on the same host name sets them): the admin listener answered 400
+    from outside the app (ProxyServer.handle_error, gateway/proxying/server.py), without the
+    CSP, X-Frame-Options, nosniff or Cache-Control the console's other answers carry. Every
+    answer the admin listener's parser refuses now carries them (the path is not known)."""
+    if what == "long-url":
+        head = (b"GET /console/?q=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n"
+                b"Accept: text/html\r\nConnection: close\r\n\r\n")
+    else:
+        head = (b"GET /console/ HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\nCookie: big="
+                + b"c" * 9000 + b"\r\nConnection: close\r\n\r\n")
+    async with listening(redis_url, str(upstream.make_url("")), monkeypatch) as g:
+        sock = await connect(g.admin_port)
+        try:
+            assert await send_all(sock, head)
+            answer, end = await read_to_end(sock)
+        finally:
+            sock.close()
+        top, _, body = answer.partition(b"\r\n\r\n")
+        lines = top.decode("latin-1").split("\r\n")
+        headers = {line.partition(":")[0].strip().lower() for line in lines[1:]}
+        assert (lines[0].split()[1], end) == ("400", "eof"), answer[:500]
+        assert json.loads(body)["error"]["code"] == "bad_request", answer[:500]
+        missing = [h for h in CONSOLE_HEADERS if h.lower() not in headers]
+        assert missing == [], (lines, missing)
+
+
 # --- open endpoints ----------------------------------------------------------------------------
 
 SCRAPERS = r"""

@@ -1399,6 +1399,47 @@ def test_a_workspace_admin_whose_key_expires_is_told_what_an_empty_expiry_means(
     page.button("Cancel").click()
 
 
+def test_a_rotation_by_a_workspace_admin_that_cuts_the_keys_life_says_so(page, gateway):
+    """A key a workspace key makes may not outlive it, and the API applies that to a rotation
+    too: a production key that never expires, rotated from the console by a workspace admin
+    whose own key expires on a date, gets a successor that expires on that date (201, with
+    expires_at cut; with an admin key of a day, the integration's new token dies tomorrow).
+    The Rotate dialog said the new key has "the same name, role or scopes and rate limit" and
+    the token dialog named only the key: nothing said that the token just handed to the
+    integration stops working then, though the key it replaces never expired. The Create form
+    names this very bound (its Expires hint, added after the same surprise on create); Rotate
+    did not. The page must not present a cut-short replacement as a like-for-like one (SPEC
+    Console: a workspace admin manages "within its own scopes"); both dialogs now name the
+    date."""
+    new_workspace(gateway, "rosen", "Rosen Association")
+    token, admin = gateway.key("rosen", name="rosen-admin", scopes=["keys:admin", "people:read"],
+                               expires_at="2031-03-01T12:00:00Z")
+    gateway.key("rosen", name="prod", scopes=["people:read"])  # never expires
+    page.tokens_seen.append(token)
+    page.sign_in(token)
+    wait(page.driver, lambda d: "prod" in page.rows())
+    page.press("Rotate", "prod")
+    rotate_text = page.dialog().text
+    grace = page.field("Grace", page.dialog())
+    grace.clear()
+    grace.send_keys("24h")
+    page.button("Rotate", page.dialog()).click()
+    shown = wait(page.driver, lambda d: next(
+        (t for t in d.find_elements(By.CSS_SELECTOR, '[role="dialog"] [data-token]')
+         if t.is_displayed()), False))
+    token_text = page.dialog().text
+    new_token = shown.text.strip()
+    page.tokens_seen.append(new_token)
+    status, listing = gateway.admin("GET", "/workspaces/rosen/keys?status=active")
+    new = next(k for k in listing["items"] if k["name"] == "prod" and
+               new_token.startswith(k["prefix"]))
+    assert new["expires_at"] == "2031-03-01T12:00:00Z"  # the API did cut it
+    page.button("Done", page.dialog()).click()
+    page.no_dialog()
+    told = "2031-03-01 12:00 UTC" in rotate_text or "2031-03-01 12:00 UTC" in token_text
+    assert told, (rotate_text, token_text)
+
+
 RENDER = """
 const [id, value] = arguments;
 const control = document.getElementById(id);

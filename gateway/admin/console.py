@@ -6,6 +6,8 @@ from importlib import resources
 
 from aiohttp import web
 
+from ..proxying.server import ANSWER_HEADERS
+
 CONSOLE_FILES = {"index.html": "text/html", "app.js": "text/javascript",
                  "app.css": "text/css", "favicon.svg": "image/svg+xml"}
 CONSOLE_HEADERS = {
@@ -36,6 +38,10 @@ def add_console_routes(app: web.Application) -> None:
     folder = resources.files(__package__) / "console"
     app[_BODIES] = {name: (folder / name).read_bytes() for name in CONSOLE_FILES}
     app.on_response_prepare.append(_console_headers)
+    # and the answers made outside the app, to requests the listener's HTTP parser refused (a
+    # console URL over 8 KiB, large cookies for the host): their path is not known, so every
+    # one is the console's, for the admin API's JSON harmless (AdminRunner)
+    app[ANSWER_HEADERS] = CONSOLE_HEADERS
     app.router.add_get("/console", to_console)
     app.router.add_get("/console/", serve_file)
     for name in CONSOLE_FILES:

@@ -29,7 +29,7 @@ import socket
 import struct
 import uuid
 import warnings
-from typing import Callable
+from typing import Callable, Mapping
 
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.helpers import ceil_timeout
@@ -851,6 +851,11 @@ class _JsonErrorRequestHandler(RequestHandler):
                     log.exception("logging a request the parser refused failed")
         if response is None:
             response = error.response(uuid.uuid4().hex)
+        # the admin listener's: the headers every answer of its app carries, which an answer
+        # made here, outside the app (its on_response_prepare never runs), lacked (a console
+        # URL over 8 KiB, a large cookie for the host); the proxy listener sets none
+        for name, value in (getattr(self._manager, "answer_headers", None) or {}).items():
+            response.headers.setdefault(name, value)
         response.force_close()
         return response
 
@@ -1218,6 +1223,9 @@ def expects_continue(headers) -> bool:
 
 
 EXPECTATION = web.RequestKey("expectation", str)
+# An app's headers for the answers its runner's server makes outside it (AdminRunner): the
+# requests the HTTP parser refused, whose answers the app's on_response_prepare never sees
+ANSWER_HEADERS = web.AppKey("answer_headers", Mapping)
 """The ``Expect`` field of a request to the admin listener, as sent: ``AdminRunner`` takes it
 off the request's headers as the request is made, because aiohttp's ``Application`` answers
 it itself (``100 Continue``, or its own text 417) before any middleware runs, so before the
@@ -1313,6 +1321,9 @@ class ProxyServer(web.Server):
         # be read (Pipeline.unreadable): (error, peer, transport, waited) -> response. None
         # (the admin listener): its refusals are answered as they always were, unlogged
         self.on_unreadable: Callable[..., web.StreamResponse] | None = None
+        # headers added to every answer made outside the handler (handle_error): the admin
+        # listener's app's own (its ANSWER_HEADERS, set by AdminRunner); None on the proxy
+        self.answer_headers: Mapping[str, str] | None = None
         self.stopping = False  # from pre_shutdown on: bodies in flight are still read
         self._sweeper: asyncio.Task | None = None
 
@@ -1431,7 +1442,10 @@ class AdminRunner(web.AppRunner):
     a 408, a 413, a 501), a client still writing its body failed on a reset before it could
     read the answer. (The admin app's handlers set no context variable that a task of their
     own would have kept from the next request.) A request's ``Expect`` is the admin
-    middleware's to answer (``EXPECTATION``)."""
+    middleware's to answer (``EXPECTATION``). The answers its server makes outside the app (a
+    request its parser refused) carry the app's ``ANSWER_HEADERS`` (the console's CSP,
+    X-Frame-Options, nosniff, no-store): the path such a request named is not known, and
+    it may be a page of the console's."""
 
     def __init__(self, app: web.Application, *, header_timeout: float | None = None,
                  write_timeout: float | None = None, max_connections: int | None = None,
@@ -1447,9 +1461,11 @@ class AdminRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return ProxyServer(server.request_handler,
-                           request_factory=_deferring_expect(server.request_factory),
-                           loop=server._loop, header_timeout=self._header_timeout,
-                           write_timeout=self._write_timeout, inline=True,
-                           max_connections=self._max_connections, evict_idle=True,
-                           **server._kwargs)
+        proxy_server = ProxyServer(server.request_handler,
+                                   request_factory=_deferring_expect(server.request_factory),
+                                   loop=server._loop, header_timeout=self._header_timeout,
+                                   write_timeout=self._write_timeout, inline=True,
+                                   max_connections=self._max_connections, evict_idle=True,
+                                   **server._kwargs)
+        proxy_server.answer_headers = self.app.get(ANSWER_HEADERS)
+        return proxy_server

@@ -410,7 +410,16 @@ function showProblem(box, message) {  // in a dialog's errorBox()
   box.hidden = false;
 }
 
-function showTokenDialog(title, token, key) {
+// Whether a key expiring at `at` (an ISO date-time, or null for never) stops working before one
+// expiring at `than` does.
+function expiresEarlier(at, than) {
+  return Boolean(at) && (!than || Date.parse(at) < Date.parse(than));
+}
+
+// `replaced`: the key a rotation replaced, whose lifetime the new key's is said against (a
+// workspace key's rotation gives the new key no life past the acting key's own expiry).
+function showTokenDialog(title, token, key, replaced) {
+  const cut = replaced !== undefined && expiresEarlier(key.expires_at, replaced.expires_at);
   openDialog(title, (dialog, close) => {
     const status = el("span", {"class": "copied", "aria-live": "polite"});
     const tokenBox = el("code", {"class": "token", "data-token": token, "tabindex": "0",
@@ -433,6 +442,11 @@ function showTokenDialog(title, token, key) {
       el("p", {"class": "warning", "text": "Copy this token now. It cannot be shown again: " +
                                            "keygate keeps only a hash of it."}),
       el("p", {"class": "meta", "text": "Key " + key.name + " (" + key.prefix + ")"}),
+      cut ? el("p", {"class": "warning", "text": "This key expires " + when(key.expires_at) +
+                     ", earlier than the key it replaces (" +
+                     (replaced.expires_at ? "expiring " + when(replaced.expires_at)
+                                          : "never expiring") +
+                     "): the integration needs a new token by then."}) : "",
       tokenBox,
       el("div", {"class": "actions"},
          el("button", {"type": "button", "class": "primary", "autofocus": true, "text": "Copy",
@@ -969,6 +983,12 @@ function revokeKey(key) {
 
 function rotateKey(key) {
   const own = key.id === session.keyId;
+  // A workspace key that expires bounds the key a rotation makes too: the API gives the new
+  // key the acting key's expiry when the old key's is later or none, so "the same" would not
+  // be what happens (as the Create form's Expires hint says).
+  const acting = session.operator ? undefined : session.keys.find((k) => k.id === session.keyId);
+  const bound = acting && expiresEarlier(acting.expires_at, key.expires_at)
+    ? acting.expires_at : null;
   openDialog("Rotate key " + key.name, (dialog, close) => {
     const problem = errorBox();
     const grace = el("input", {"id": "rotate-grace", "value": "0", "autocomplete": "off",
@@ -993,18 +1013,24 @@ function rotateKey(key) {
         return;
       }
       if (session !== mine) {  // signed out meanwhile: the token still goes to the person
-        showTokenDialog("Key rotated", rotated.token, rotated.key);
+        showTokenDialog("Key rotated", rotated.token, rotated.key, key);
         return;
       }
       close();
       announce("Key " + key.name + " rotated.");
-      showTokenDialog("Key rotated", rotated.token, rotated.key);
+      showTokenDialog("Key rotated", rotated.token, rotated.key, key);
       await refreshQuietly();
     }, "Rotating…");
     dialog.append(el("form", {"novalidate": true, "on": {submit: confirm}},
       el("p", {"text": "A new key with the same name, role or scopes and rate limit replaces " +
                        key.prefix + "…. The old key keeps working for the grace period " +
                        "(0 revokes it now)."}),
+      bound ? el("p", {"class": "warning", "text": "The new key expires " + when(bound) +
+                       ", when the key you are signed in with expires (a key it makes cannot " +
+                       "outlive it); " + key.name + " " +
+                       (key.expires_at ? "expires " + when(key.expires_at) : "never expires") +
+                       ". The integration needs a new token by then."})
+            : "",
       own ? el("p", {"class": "warning", "text": "This is the key you are signed in with: " +
                                                  "when the old key stops working, this page " +
                                                  "signs out; sign in again with the new token."})
