@@ -29,6 +29,7 @@ from typing import Callable
 from .config import Config, Plan, RateLimit
 from .errors import (GatewayError, ServiceUnavailable, StoreError, TooManyRequests,
                      Unauthorized, client_closed, invalid_token)
+from .store.keyspace import key_index_key
 from .store.records import WORKSPACE_ID_RE, key_from_hash, workspace_from_hash
 from .store.request import RequestStore
 from .usage import effective_plan, key_rate_limit
@@ -738,10 +739,12 @@ class Authenticator:
         if workspace_id:
             key, workspace, role, gone = await self._read(workspace_id, token.key_id)
         else:
-            # no such key id: a read all the same (of a workspace that is none, in a slot of
-            # its own under Cluster), so that an unknown id costs the store round trips a
-            # wrong secret does, as the decoy argon2 run costs what a real one does
-            await self.requests.read_key(f"0{secrets.token_hex(6)}", token.key_id)
+            # no such key id: a read all the same, so that an unknown id costs the store
+            # round trips a wrong secret does, as the decoy argon2 run costs what a real one
+            # does. Of a "workspace" named as the key id's index entry, which no workspace
+            # id can be: its hash tag puts the read in the slot of the lookup that just
+            # answered (Cluster), so a node down elsewhere never turns it into a 503
+            await self.requests.read_key(key_index_key(token.key_id), token.key_id)
             key, workspace, role, gone = None, None, None, False
         return under, workspace_id, key, workspace, role, gone
 
