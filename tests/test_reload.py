@@ -2420,80 +2420,29 @@ async def test_a_key_header_name_a_reload_retired_never_carries_a_token_upstream
             assert leaked == [], f"a live token reached the upstream under the retired name: {leaked}"
 
 
+@pytest.mark.parametrize("spelling", ["X-Keygate-Signature", "X_Keygate_Signature",
+                                      "x.keygate.signature"])
 async def test_a_reload_never_gives_an_identity_header_the_name_of_the_signature_in_force(
-        tmp_path, redis_url, monkeypatch):
+        tmp_path, redis_url, monkeypatch, spelling):
     """``identity_signature`` is restart-only: a reload keeps the running one (header
     ``X-Keygate-Signature``, the default) whatever the file says. A file that moves the
     signature to ``X-Sig`` and names the workspace identity header ``X-Keygate-Signature``
-    is valid on its own (``config check`` refuses that name for an identity header only when
-    it is the signature's), so the reload took it: the merged config, which no file could
-    hold, sent every upstream two ``X-Keygate-Signature`` fields (the workspace id and the
-    signature), and ``gateway.signature.verify`` refuses every request with a repeated
-    signature header. The reload must refuse such a file (400, nothing changed), or keep
-    the header names apart."""
+    (or a spelling a CGI/WSGI upstream reads as it: ``header_key``, as the file's own checks
+    compare names) is valid on its own, and the reload took it: the merged config, which no
+    file could hold, sent every upstream two such fields (the workspace id and the
+    signature), and ``gateway.signature.verify`` refused every request. Refused now (400,
+    nothing changed), naming the field and the way out."""
     import yaml
-    from aiohttp import web
     from gateway.config import load_config
+    from gateway.errors import ConfigError
+    from gateway.models import header_key
     from gateway.signature import verify as verify_signature
-    from harness import serving
     secret = "s" * 40
     monkeypatch.setenv("KG_SIGNING", secret)
     seen: list[tuple[str, str, list[tuple[str, str]]]] = []
 
     async def api(request: web.Request) -> web.Response:
         seen.append((request.method, request.raw_path, list(request.headers.items())))
-        return web.Response(text="ok")
-
-    async with serving(api) as url:
-        doc = {
-            "server": {"host": "127.0.0.1", "port": 18080},
-            "admin": {"host": "127.0.0.1", "port": 18081},
-            "keys": {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
-            "upstreams": {"api": {"url": url, "timeout": 5}},
-            "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
-                        "scopes": ["people:read"]}],
-            "identity_signature": {"secret_env": "KG_SIGNING"},
-        }
-        path = tmp_path / "keygate.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        async with gateway_under_test(load_config(path), redis_url, monkeypatch,
-                                      config_path=str(path)) as gw:
-            await gw.workspace("acme", plan="default")
-            token, _ = await gw.key(scopes=["people:read"])
-            doc["identity_signature"] = {"secret_env": "KG_SIGNING", "header": "X-Sig"}
-            doc["identity_headers"] = {"workspace": "X-Keygate-Signature"}
-            path.write_text(yaml.safe_dump(doc))
-            load_config(path)  # valid on its own
-            status, body = await gw.admin_json("POST", "/reload")
-            async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
-                assert r.status == 200
-    method, target, headers = seen[-1]
-    named = [v for k, v in headers if k.lower() == "x-keygate-signature"]
-    assert status == 400, body  # refused, naming the field and the way out
-    assert any("identity_headers.workspace" in p and "restart" in p
-               for p in body["error"]["problems"]), body
-    assert len(named) == 1 and verify_signature(dict(headers), method, target, secret)
-
-
-@pytest.mark.parametrize("spelling", ["X_Keygate_Signature", "x.keygate.signature"])
-async def test_a_reload_refuses_a_punctuated_spelling_of_the_signature_header_in_force(
-        tmp_path, redis_url, monkeypatch, spelling):
-    """kept_clashes compared names with ``.lower()``, where every other check of
-    header names (the file's own identity_signature.header check, identity_headers against
-    keys.headers) uses ``header_key`` (case and punctuation: ``X_Keygate_Signature`` is
-    ``X-Keygate-Signature`` to a CGI/WSGI upstream, HTTP_X_KEYGATE_SIGNATURE). A file that
-    moves the signature to X-Sig and names the workspace header ``X_Keygate_Signature`` is
-    taken by a reload while the signature in force is X-Keygate-Signature."""
-    import yaml
-    from gateway.config import load_config
-    from gateway.errors import ConfigError
-    from gateway.models import header_key
-    secret = "s" * 40
-    monkeypatch.setenv("KG_SIGNING", secret)
-    seen: list[list[tuple[str, str]]] = []
-
-    async def api(request: web.Request) -> web.Response:
-        seen.append(list(request.headers.items()))
         return web.Response(text="ok")
 
     async with serving(api) as url:
@@ -2524,5 +2473,9 @@ async def test_a_reload_refuses_a_punctuated_spelling_of_the_signature_header_in
     path.write_text(yaml.safe_dump(alone))
     with pytest.raises(ConfigError):
         load_config(path)
-    as_one = [(k, v) for k, v in seen[-1] if header_key(k) == "x-keygate-signature"]
+    method, target, headers = seen[-1]
+    as_one = [(k, v) for k, v in headers if header_key(k) == "x-keygate-signature"]
     assert status == 400, (body, as_one)  # upstream got the workspace id and the signature
+    assert any("identity_headers.workspace" in p and "restart" in p
+               for p in body["error"]["problems"]), body
+    assert len(as_one) == 1 and verify_signature(dict(headers), method, target, secret)
