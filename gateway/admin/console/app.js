@@ -410,16 +410,47 @@ function showProblem(box, message) {  // in a dialog's errorBox()
   box.hidden = false;
 }
 
-// Whether a key expiring at `at` (an ISO date-time, or null for never) stops working before one
-// expiring at `than` does.
-function expiresEarlier(at, than) {
-  return Boolean(at) && (!than || Date.parse(at) < Date.parse(than));
+// The life, in ms, a rotation gives the key replacing `key`, or null for none: as the API counts
+// it (gateway/store/admin_keys.py rotate_key), the old key's lifetime (its expiry less its
+// creation, both shown to the second, at least a second) from the moment of the rotation -- not
+// the old key's expiry, which is past for an expired key and nearer than that for a key in use.
+// A workspace key's rotation then cuts it at the acting key's own expiry (Self-service rules).
+// (A key in a rotation's grace shows the grace's end, not its own expiry, which the API never
+// shows: its lifetime is then counted short here.)
+function rotationLife(key) {
+  if (!key.expires_at) return null;
+  return Math.max(1000, Date.parse(key.expires_at) - Date.parse(key.created_at));
 }
 
-// `replaced`: the key a rotation replaced, whose lifetime the new key's is said against (a
-// workspace key's rotation gives the new key no life past the acting key's own expiry).
+// "30 days", "about 2 days", "12 hours": a lifetime (ms) in its largest whole-ish unit.
+function span(ms) {
+  const seconds = ms / 1000;
+  for (const [unit, size] of [["day", 86400], ["hour", 3600], ["minute", 60]]) {
+    if (seconds >= size) {
+      const n = seconds / size;
+      return Number.isInteger(n) ? plural(n, unit) : "about " + plural(Math.round(n), unit);
+    }
+  }
+  return plural(Math.round(seconds), "second");
+}
+
+// What a rotation of `key` gives its successor, said after "not ...": the date its lifetime runs
+// to from `from` (ms), or no expiry.
+function uncutLife(key, from) {
+  const life = rotationLife(key);
+  return life === null
+    ? "no expiry (" + key.name + " never expires)"
+    : when(new Date(from + life).toISOString()) + " (" + key.name + "'s lifetime of " +
+      span(life) + ", counted from the rotation)";
+}
+
+// `replaced`: the key a rotation replaced. The new key expiring before the replaced key's
+// lifetime from its creation (or at all, when the replaced key never expires) was cut by the
+// workspace key that rotated it: a key it makes cannot outlive it.
 function showTokenDialog(title, token, key, replaced) {
-  const cut = replaced !== undefined && expiresEarlier(key.expires_at, replaced.expires_at);
+  const life = replaced === undefined ? undefined : rotationLife(replaced);
+  const cut = life !== undefined && Boolean(key.expires_at) &&
+    (life === null || Date.parse(key.expires_at) < Date.parse(key.created_at) + life);
   openDialog(title, (dialog, close) => {
     const status = el("span", {"class": "copied", "aria-live": "polite"});
     const tokenBox = el("code", {"class": "token", "data-token": token, "tabindex": "0",
@@ -443,10 +474,9 @@ function showTokenDialog(title, token, key, replaced) {
                                            "keygate keeps only a hash of it."}),
       el("p", {"class": "meta", "text": "Key " + key.name + " (" + key.prefix + ")"}),
       cut ? el("p", {"class": "warning", "text": "This key expires " + when(key.expires_at) +
-                     ", earlier than the key it replaces (" +
-                     (replaced.expires_at ? "expiring " + when(replaced.expires_at)
-                                          : "never expiring") +
-                     "): the integration needs a new token by then."}) : "",
+                     ", when the workspace key that rotated it expires (a key it makes " +
+                     "cannot outlive it), not " + uncutLife(replaced, Date.parse(key.created_at)) +
+                     ": the integration needs a new token by then."}) : "",
       tokenBox,
       el("div", {"class": "actions"},
          el("button", {"type": "button", "class": "primary", "autofocus": true, "text": "Copy",
@@ -984,11 +1014,14 @@ function revokeKey(key) {
 function rotateKey(key) {
   const own = key.id === session.keyId;
   // A workspace key that expires bounds the key a rotation makes too: the API gives the new
-  // key the acting key's expiry when the old key's is later or none, so "the same" would not
-  // be what happens (as the Create form's Expires hint says).
+  // key the old key's lifetime from now, or the acting key's expiry when that is earlier (or
+  // the old key never expires), so "the same" would not be what happens (as the Create form's
+  // Expires hint says). The token dialog says it again from the API's answer.
   const acting = session.operator ? undefined : session.keys.find((k) => k.id === session.keyId);
-  const bound = acting && expiresEarlier(acting.expires_at, key.expires_at)
-    ? acting.expires_at : null;
+  const life = rotationLife(key);
+  const now = Date.now();
+  const bound = acting && acting.expires_at &&
+    (life === null || Date.parse(acting.expires_at) < now + life) ? acting.expires_at : null;
   openDialog("Rotate key " + key.name, (dialog, close) => {
     const problem = errorBox();
     const grace = el("input", {"id": "rotate-grace", "value": "0", "autocomplete": "off",
@@ -1027,9 +1060,8 @@ function rotateKey(key) {
                        "(0 revokes it now)."}),
       bound ? el("p", {"class": "warning", "text": "The new key expires " + when(bound) +
                        ", when the key you are signed in with expires (a key it makes cannot " +
-                       "outlive it); " + key.name + " " +
-                       (key.expires_at ? "expires " + when(key.expires_at) : "never expires") +
-                       ". The integration needs a new token by then."})
+                       "outlive it), not " + uncutLife(key, now) + ". The integration needs " +
+                       "a new token by then."})
             : "",
       own ? el("p", {"class": "warning", "text": "This is the key you are signed in with: " +
                                                  "when the old key stops working, this page " +
