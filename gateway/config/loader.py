@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
+import unicodedata
 
 import yaml
 
@@ -165,9 +167,37 @@ def _compose(source: str) -> tuple[Node | None, str]:
         what = exc.problem or exc.context or "invalid YAML"
         col = f" (column {mark.column + 1})" if mark is not None else ""
         raise ConfigError([one_line(f"{source}:{line}: invalid YAML: {what}{col}")]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow: no mark
+        raise ConfigError([_bad_character(source, text, exc)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([one_line(f"{source}:1: invalid YAML: {exc}")]) from None
     return root, text
+
+
+# what YAML (and so PyYAML's marks, and every other problem's line) counts as a line break
+_LINE_BREAKS = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
+
+
+def _bad_character(source: str, text: str, exc: yaml.reader.ReaderError) -> str:
+    """``file:line: invalid YAML: ...`` for a character YAML does not allow (a DEL, NUL or
+    ESC pasted from a terminal), at its own line and column: PyYAML's ReaderError gives only
+    its offset in the text, and says it in its own words ("unacceptable character #x007f ...
+    in "<unicode string>", position 170")."""
+    position = exc.position if isinstance(exc.position, int) else 0
+    if isinstance(exc.character, int):
+        char = chr(exc.character)
+    elif isinstance(exc.character, str) and exc.character:
+        char = exc.character[0]
+    else:
+        char = text[position] if 0 <= position < len(text) else ""
+    breaks = list(_LINE_BREAKS.finditer(text, 0, position))
+    line = len(breaks) + 1
+    column = position - (breaks[-1].end() if breaks else 0) + 1
+    what = f"character U+{ord(char):04X}" if char else "a character"
+    if char and unicodedata.category(char) == "Cc":
+        what += " (a control character)"
+    return one_line(f"{source}:{line}: invalid YAML: {what} is not allowed in a YAML file "
+                    f"(column {column})")
 
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
