@@ -99,6 +99,28 @@ def test_a_control_character_is_reported_at_its_own_line(tmp_path: Path, char: s
     assert (done.returncode, done.stdout, done.stderr) == (1, "", expected + "\n")
 
 
+def test_a_latin_1_byte_is_reported_at_its_own_line(tmp_path: Path) -> None:
+    """A file saved in Latin-1/cp1252 (an editor on Windows, a "Société" in a comment on line
+    6 of 6) was `cannot read config.yaml: not UTF-8 text (bad byte at offset 170)`: no line,
+    where every other problem is `file:line: field: what`. The line is the newlines before
+    the byte, plus one; the column, the characters before it on its line."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(GOOD_FILE.encode() + "# Soci\xe9t\xe9\n".encode("latin-1"))
+    expected = (f"{path}:6: cannot read the file: not UTF-8 text (byte 0xe9, column 7); "
+                "save it as UTF-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [expected]
+    done = _config_check(path)
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", expected + "\n")
+    # a byte order mark is not counted: the offsets are the text's after it
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD_FILE.encode() + b"# a\xff\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}:6: cannot read the file: not UTF-8 text "
+                                   "(byte 0xff, column 4); save it as UTF-8"]
+
+
 def test_empty_file_gives_all_defaults(tmp_path: Path) -> None:
     path = write(tmp_path, "# nothing configured yet\n")
     config = load_config(path)

@@ -153,8 +153,7 @@ def _compose(source: str) -> tuple[Node | None, str]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"cannot read {source}: not UTF-8 text "
-                           f"(bad byte at offset {exc.start})"]) from None
+        raise ConfigError([_not_utf8(source, exc)]) from None
     if _deep_line(text) is not None:  # before the reader, which recurses as deep
         raise ConfigError([_too_deep(source, text)])
     try:
@@ -198,6 +197,20 @@ def _bad_character(source: str, text: str, exc: yaml.reader.ReaderError) -> str:
         what += " (a control character)"
     return one_line(f"{source}:{line}: invalid YAML: {what} is not allowed in a YAML file "
                     f"(column {column})")
+
+
+def _not_utf8(source: str, exc: UnicodeDecodeError) -> str:
+    """``file:line: cannot read the file: not UTF-8 text ...`` at the bad byte's own line (the
+    newlines before it, plus one) and column (the characters before it on its line): a file
+    saved in Latin-1 or cp1252 by an editor. Offsets are the decoded bytes' (after a byte
+    order mark)."""
+    data = bytes(exc.object)
+    start = exc.start
+    line_start = data.rfind(b"\n", 0, start) + 1
+    line = data.count(b"\n", 0, start) + 1
+    column = len(data[line_start:start].decode("utf-8", "replace")) + 1
+    return one_line(f"{source}:{line}: cannot read the file: not UTF-8 text (byte "
+                    f"0x{data[start]:02x}, column {column}); save it as UTF-8")
 
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
