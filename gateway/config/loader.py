@@ -149,7 +149,7 @@ def _compose(source: str) -> tuple[Node | None, str]:
     try:
         raw = _read(source)
     except OSError as exc:
-        raise ConfigError([f"cannot read {source}: {exc.strerror or exc}"]) from None
+        raise ConfigError([one_line(f"cannot read {source}: {exc.strerror or exc}")]) from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -270,8 +270,8 @@ def _too_deep(source: str, text: str) -> str:
     """The problem of a file nested deeper than the YAML reader (which recurses) can follow:
     at the line where its nesting first passes ``MAX_DEPTH`` (``_deep_line``); line 1 for a
     chain of merge keys."""
-    return (f"{source}:{_deep_line(text) or 1}: top level: nested too deeply (more than "
-            f"{MAX_DEPTH} levels of mappings, lists or merge keys)")
+    return one_line(f"{source}:{_deep_line(text) or 1}: top level: nested too deeply (more "
+                    f"than {MAX_DEPTH} levels of mappings, lists or merge keys)")
 
 
 def _deep_line(text: str) -> int | None:
@@ -313,9 +313,9 @@ def servable_problems(config: Config) -> list[str]:
     forward nothing (usually an empty file, or a file that is not the one meant).
     ``keygate serve`` and ``keygate config check`` refuse it; tests build such configs freely."""
     if not config.routes:
-        return [f"{config.source}:{_routes_line(config.source)}: routes: no routes are "
-                "defined, so the gateway would answer every request 404 no_route; add at "
-                "least one route (see docs/configuration.md#routes)"]
+        return [one_line(f"{config.source}:{_routes_line(config.source)}: routes: no routes "
+                         "are defined, so the gateway would answer every request 404 "
+                         "no_route; add at least one route (see docs/configuration.md#routes)")]
     return []
 
 
