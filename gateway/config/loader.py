@@ -133,7 +133,13 @@ def load_admin_section(path: str | os.PathLike[str]) -> AdminConfig:
     root, text = _compose(source)
     reader = Reader(source, client=True)
     try:
-        top = reader.mapping(root, "")
+        # the top level's own problems (a key duplicated or not a name) are the rest of the
+        # file's, but one that leaves no mapping to find `admin` in, and a duplicate `admin`
+        top = Reader(source, client=True).mapping(root, "")
+        if top is None:
+            reader.mapping(root, "")  # says why
+        else:
+            _duplicate_admin(reader, root)
         admin = dict((key, value) for key, _, value in top or ()).get("admin")
         section = reader.admin(admin) if top is not None else AdminConfig()
     except RecursionError:
@@ -141,6 +147,20 @@ def load_admin_section(path: str | os.PathLike[str]) -> AdminConfig:
     if reader.problems:
         raise ConfigError(reader.sorted_problems())
     return section
+
+
+def _duplicate_admin(reader: Reader, root: Node | None) -> None:
+    """A second top-level ``admin`` key, which leaves the section a client reads in doubt."""
+    if not isinstance(root, yaml.MappingNode):
+        return
+    first = None
+    for key_node, _ in root.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value == "admin":
+            if first is None:
+                first = key_node
+            else:
+                reader.fail(key_node, "admin", f"duplicate key (first given on line "
+                                               f"{first.start_mark.line + 1})")
 
 
 def _compose(source: str) -> tuple[Node | None, str]:
