@@ -18,6 +18,7 @@ from typing import Any
 
 from .closing import bounded
 from .config.loader import top_level_line
+from .config.nodes import one_line
 from .errors import StoreError
 from .settings import Config
 
@@ -66,24 +67,24 @@ async def in_use_problems(store: Any, new: Config, old: Config | None = None, *,
         if plan in new.plans or (old is not None and plan not in plans_dropped):
             continue
         ids = plans[plan]
-        problems.append(
+        problems.append(one_line(
             f"{new.source}:{top_level_line(new.source, 'plans')}: plans: plan '{plan}' is not "
             f"in this file, but {_n(len(ids), 'workspace')} ({_examples(ids)}) "
             f"{'is' if len(ids) == 1 else 'are'} on it and would fall back to default_plan "
             f"'{new.default_plan}' and its limits; move them to another plan first (keygate "
-            "workspaces set-plan ID PLAN), or keep the plan")
+            "workspaces set-plan ID PLAN), or keep the plan"))
     for role in sorted(roles):
         if role in new.roles:
             continue
         per_ws = roles[role]
         keys = sum(per_ws.values())
         ids = sorted(per_ws)
-        problems.append(
+        problems.append(one_line(
             f"{new.source}:{top_level_line(new.source, 'roles')}: roles: role '{role}' is not "
             f"in this file, but {_n(keys, 'key')} (not revoked or expired) in "
             f"{_n(len(ids), 'workspace')} ({_examples(ids)}) {'is' if keys == 1 else 'are'} "
             "bound to it and would be left with no scopes; re-role them first (keygate keys "
-            "update --workspace WS ID --role ROLE | --scope S), or keep the role")
+            "update --workspace WS ID --role ROLE | --scope S), or keep the role"))
     return problems
 
 

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from .config import Config, TLSConfig, load_config, servable_problems
 from .config.loader import top_level_line
+from .config.nodes import one_line
 from .models import header_key
 from .errors import BadRequest, ConfigError, Conflict, StoreError
 
@@ -102,10 +103,11 @@ def kept_clashes(merged: Config, new: Config) -> list[str]:
     named = [(f"identity_headers.{f}", getattr(merged.identity_headers, f))
              for f in ("workspace", "key_id", "scopes", "plan")]
     named += [("keys.headers", h) for h in merged.keys.headers]
-    return [f"{merged.source}:{top_level_line(merged.source, field.partition('.')[0])}: "
-            f"{field}: '{header}' is the header the signed identity is sent in until a restart "
-            f"(identity_signature is kept as it is in force); name it otherwise, or restart "
-            "to move the signature" for field, header in named if header_key(header) == name]
+    return [one_line(f"{merged.source}:{top_level_line(merged.source, field.partition('.')[0])}: "
+                     f"{field}: '{header}' is the header the signed identity is sent in until "
+                     f"a restart (identity_signature is kept as it is in force); name it "
+                     "otherwise, or restart to move the signature")
+            for field, header in named if header_key(header) == name]
 
 
 class Reloader:
@@ -120,7 +122,10 @@ class Reloader:
                  metrics=None, clock: Callable[[], float] = time.time,
                  in_use: Callable[[Config, Config], Awaitable[list[str]]] | None = None) -> None:
         self.config = config
-        self.path = path
+        self.file = path  # the file a reload reads
+        # the file as the log names it: escaped, so that no name (a newline, an ESC) forges a
+        # log line or reaches a terminal's escapes
+        self.path = None if path is None else one_line(path)
         self.apply = apply
         self.in_use = in_use
         self.metrics = metrics
@@ -146,7 +151,7 @@ class Reloader:
                                    "there is nothing to reload"])
             try:
                 new = await asyncio.get_running_loop().run_in_executor(
-                    None, load_config, self.path)
+                    None, load_config, self.file)
                 # what serve refuses to start on (no routes: a file emptied by mistake or
                 # caught half-written) is no config to swap in either
                 if problems := servable_problems(new):
@@ -184,7 +189,7 @@ class Reloader:
             for warning in merged.warnings:  # those this reload brings in, as serve logs them
                 if warning.key not in before:
                     log.warning("%s", warning)
-            return ReloadResult(self.path, now, kept)
+            return ReloadResult(self.file, now, kept)
 
     @contextlib.asynccontextmanager
     async def _turn(self, signalled: bool) -> AsyncIterator[None]:
@@ -324,8 +329,8 @@ class ListenerTLS:
         try:
             return server_context(tls.cert_file, tls.key_file)
         except (ssl.SSLError, OSError, ValueError) as exc:  # ValueError: now encrypted
-            raise ConfigError([f"{source}:1: {where}: cannot load {tls.cert_file} / "
-                               f"{tls.key_file}: {exc}"]) from exc
+            raise ConfigError([one_line(f"{source}:1: {where}: cannot load {tls.cert_file} / "
+                                        f"{tls.key_file}: {exc}")]) from exc
 
 
 class WorkersDisagree(Conflict):

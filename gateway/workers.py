@@ -22,6 +22,7 @@ from .admin.listener import READINESS
 from .admin.middleware import operator_token_weakness
 from .app import ListenError, running_gateway, start_listeners, stop_listeners
 from .config import Config, load_config, servable_problems
+from .config.nodes import one_line
 from .errors import ConfigError, StoreError
 from .store.request import RequestStore
 from .redis_urls import redact
@@ -50,7 +51,7 @@ def store_hint(problem: str, config: Config, reached: bool) -> str:
     else:
         number, text = where
         names = _ENV_REF.findall(text)
-        setting = (f"store.redis_url ({config.source}:{number}"
+        setting = (f"store.redis_url ({one_line(config.source)}:{number}"
                    + (f", from ${names[0]}" if names else "") + ")")
     if not reached:
         return (f"{problem}; start Redis, or point {setting} at one this host can reach "
@@ -188,7 +189,7 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
         try:
             log.info("keygate listening: proxy %s:%d, admin %s:%d (config %s, pid %d)",
                      config.server.host, config.server.port, config.admin.host,
-                     config.admin.port, os.path.abspath(config.source), os.getpid())
+                     config.admin.port, one_line(os.path.abspath(config.source)), os.getpid())
             log.info("start-up heap: %d objects kept out of garbage collection", frozen)
             reloads: set[asyncio.Task] = set()
 

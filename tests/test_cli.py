@@ -1484,6 +1484,28 @@ def test_an_admin_problem_in_a_file_with_others_names_its_own_line(tmp_path, cap
     assert "routes" not in err and "UNSET_FOR_THIS_TEST" not in err, err
 
 
+def test_a_duplicate_key_outside_admin_does_not_refuse_the_config(tmp_path, capsys):
+    """docs/cli.md, `--config PATH`: only its `admin` section is read and has to be valid (a
+    file a reload is about to refuse must still find the admin listener). Two top-level
+    `routes:` blocks (an editor's copy-paste: the very file an operator is fixing) made every
+    remote command refuse the file, `FILE:3: routes: duplicate key`, exit 1, and never reach
+    the admin API: the top level was read with every key's duplicates recorded. Only a
+    duplicate `admin` is a problem there now."""
+    port = free_port()  # nobody listens: reaching the admin API is "cannot reach"
+    path = tmp_path / "gw.yaml"
+    path.write_text(f"admin: {{host: 127.0.0.1, port: {port}}}\nroutes: []\nroutes: []\n"
+                    "[a, b]: c\n")
+    assert main(["--config", str(path), "workspaces", "list"]) == 1
+    err = capsys.readouterr().err
+    assert "duplicate key" not in err and "routes" not in err, err
+    assert "cannot reach the admin API" in err and f"127.0.0.1:{port}" in err, err
+    path.write_text(f"admin: {{host: 127.0.0.1, port: {port}}}\nroutes: []\n"
+                    "admin: {host: 127.0.0.1, port: 9}\n")
+    assert main(["--config", str(path), "workspaces", "list"]) == 1
+    assert capsys.readouterr().err == (
+        f"keygate: {path}:3: admin: duplicate key (first given on line 1)\n")
+
+
 def test_the_cli_reference_describes_every_command_and_option():
     """docs/cli.md has a section per command, naming each of its options."""
     import argparse

@@ -556,3 +556,55 @@ def test_a_usage_error_never_writes_terminal_controls(argv, env, shown):
     assert done.returncode == 2, err
     assert "\x1b" not in err and "\x07" not in err, err
     assert shown in err, err
+
+
+# --- a config path holding terminal controls ---------------------------------------------------
+
+HOSTILE_NAME = "evil\x1b]0;PWNED\x07\x1b[2J\nfake.yaml:1: ok"
+SHOWN_NAME = "evil\\x1b]0;PWNED\\x07\\x1b[2J\\nfake.yaml:1: ok"
+
+
+@pytest.mark.parametrize("what", ["missing", "directory", "not-utf8"])
+@pytest.mark.parametrize("command", ["config-check", "serve"])
+def test_a_config_path_holding_terminal_controls_is_shown_escaped(tmp_path, what, command):
+    """docs/cli.md: control characters are shown escaped wherever the CLI writes them to a
+    terminal, the names given to it included, and `keygate --config PATH workspaces list`
+    escaped such a PATH, as `config check` did for a problem *in* such a file. But a file
+    `config check` or `serve` could not read (missing, a directory, not UTF-8) was reported
+    with the path's raw bytes: the escape sequence retitled and wiped the terminal, and the
+    newline forged a line of its own ("fake.yaml:1: ok: No such file ...") into the problem
+    list or the log. Every config path keygate prints is escaped now."""
+    path = tmp_path / HOSTILE_NAME
+    if what == "directory":
+        path.mkdir()
+    elif what == "not-utf8":
+        path.write_bytes(b"\xff\xfe routes: []\n")
+    argv = ["config", "check", HOSTILE_NAME] if command == "config-check" else \
+        ["serve", "--config", HOSTILE_NAME]
+    done = _run(argv, _environ(None), cwd=str(tmp_path))
+    err = done.stderr.decode("utf-8", "replace")
+    assert (done.returncode, done.stdout) == (1, b""), err
+    assert "cannot read" in err and SHOWN_NAME in err, err
+    assert "\x1b" not in err and "\x07" not in err, repr(err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, repr(err)  # the newline in the name is not a line of its own
+
+
+def test_config_check_says_ok_with_such_a_path_escaped(tmp_path):
+    """The `ok: PATH` of a valid file is the path as printed, escaped too."""
+    (tmp_path / HOSTILE_NAME).write_text(
+        "store: {redis_url: 'redis://127.0.0.1:1/0', timeout: 0.5}\n"
+        "upstreams: {api: 'http://127.0.0.1:9/'}\n"
+        "routes: [{path: /x, upstream: api, public: true}]\n")
+    done = _run(["config", "check", HOSTILE_NAME], _environ(None), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == f"ok: {SHOWN_NAME}\n"
+
+
+def test_remote_config_escapes_the_same_path(tmp_path):
+    """The remote commands' --config reader escaped it already: it still does."""
+    done = _run(["--config", HOSTILE_NAME, "workspaces", "list"], _environ(None),
+                cwd=str(tmp_path))
+    err = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 1, err
+    assert "\x1b" not in err and "evil\\x1b]0;PWNED\\x07" in err, repr(err)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -58,6 +60,65 @@ def test_yaml_syntax_error_is_one_problem_with_file_and_line(tmp_path: Path) -> 
     """)
     assert len(problems) == 1
     assert problems[0].startswith("config.yaml:4: invalid YAML: ")
+
+
+GOOD_FILE = """\
+store: {redis_url: "redis://127.0.0.1:9/0"}
+upstreams: {api: "http://127.0.0.1:9/"}
+routes:
+  - {path: /x, upstream: api, public: true}
+# owner: ops team
+"""
+
+
+def _config_check(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", "config", "check", str(path)],
+                          capture_output=True, text=True, timeout=60, cwd=str(path.parent),
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("char, shown", [("\x7f", "U+007F"), ("\x00", "U+0000"),
+                                         ("\x1b", "U+001B"), ("\x08", "U+0008")],
+                         ids=["DEL", "NUL", "ESC", "BS"])
+def test_a_control_character_is_reported_at_its_own_line(tmp_path: Path, char: str,
+                                                         shown: str) -> None:
+    """A character YAML does not allow (a DEL, NUL or ESC pasted from a terminal into a
+    comment or a value), here on line 6 of 6, was `config.yaml:1: invalid YAML: unacceptable
+    character #x007f: special characters are not allowed\\n  in "<unicode string>", position
+    170`: always line 1, in PyYAML's words, with a character offset (PyYAML's ReaderError is
+    no MarkedYAMLError: it carries a position, not a mark). It is its own line and column,
+    said plainly, in `config check` and in a serve or reload refusal alike (one loader)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD_FILE + f"# paste{char} here\n")
+    expected = (f"{path}:6: invalid YAML: character {shown} (a control character) is not "
+                "allowed in a YAML file (column 8)")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [expected]
+    done = _config_check(path)
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", expected + "\n")
+
+
+def test_a_latin_1_byte_is_reported_at_its_own_line(tmp_path: Path) -> None:
+    """A file saved in Latin-1/cp1252 (an editor on Windows, a "Société" in a comment on line
+    6 of 6) was `cannot read config.yaml: not UTF-8 text (bad byte at offset 170)`: no line,
+    where every other problem is `file:line: field: what`. The line is the newlines before
+    the byte, plus one; the column, the characters before it on its line."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(GOOD_FILE.encode() + "# Soci\xe9t\xe9\n".encode("latin-1"))
+    expected = (f"{path}:6: cannot read the file: not UTF-8 text (byte 0xe9, column 7); "
+                "save it as UTF-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [expected]
+    done = _config_check(path)
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", expected + "\n")
+    # a byte order mark is not counted: the offsets are the text's after it
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD_FILE.encode() + b"# a\xff\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}:6: cannot read the file: not UTF-8 text "
+                                   "(byte 0xff, column 4); save it as UTF-8"]
 
 
 def test_empty_file_gives_all_defaults(tmp_path: Path) -> None:

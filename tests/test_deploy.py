@@ -218,6 +218,37 @@ def test_k8s_config_refuses_to_start_without_a_redis_url(tmp_path, redis_url):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_the_k8s_config_check_the_operations_guide_prints_works_as_printed(tmp_path):
+    """docs/operations.md, Changing the config, On Kubernetes, told the operator to check the
+    edited file with `keygate config check deploy/k8s/config.yaml`, and called it "as shipped,
+    the same file as `deploy/config.yaml`". On a workstation, where the pod's Secret variable
+    KEYGATE_REDIS_URL is not set, that check always failed (`deploy/k8s/config.yaml:41:
+    store.redis_url: environment variable KEYGATE_REDIS_URL is not set`), whatever the edit:
+    the file is not the same, its store.redis_url has no fallback (on purpose, the test
+    above), which the guide never said. An operator following it learned to ignore the check
+    meant to stop a bad rollout. The guide prints the command with the variable set, and it
+    passes as printed; it says how the two files differ."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    shown = re.findall(r"`([A-Z_]+=\S+ keygate config check deploy/k8s/config\.yaml)`", text)
+    assert shown, "the guide no longer shows the k8s check, with its variable"
+    assert "keygate config check deploy/k8s/config.yaml`" not in text.replace(shown[0], ""), \
+        "the guide still shows the check without the variable somewhere"
+    words = shlex.split(shown[0])
+    assigned = dict(word.split("=", 1) for word in words[:words.index("keygate")])
+    assert set(assigned) == {"KEYGATE_REDIS_URL"}, assigned
+    argv = words[words.index("keygate") + 1:]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    environ.update(assigned, HOME=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "gateway", *argv], capture_output=True,
+                          text=True, timeout=60, cwd=str(ROOT), env=environ,
+                          stdin=subprocess.DEVNULL)
+    assert (done.returncode, done.stdout) == (0, "ok: deploy/k8s/config.yaml\n"), done
+    flat = " ".join(text.split())
+    assert "the same file as `deploy/config.yaml`" not in flat
+    assert "`${KEYGATE_REDIS_URL}`" in flat and "`deploy/config.yaml` but for" in flat, \
+        "the guide does not say how deploy/k8s/config.yaml differs from deploy/config.yaml"
+
+
 # --- Dockerfile -------------------------------------------------------------------------------
 
 def test_dockerfile_exposes_the_default_ports_and_runs_keygate_serve():

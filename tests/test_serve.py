@@ -1271,3 +1271,27 @@ async def test_serve_logs_a_method_falling_through_to_a_public_route_once_at_sta
             "(PURGE, PROPFIND...) on its paths fall through to routes[2] '/**'" in warned[0]
     finally:
         gw.close()
+
+
+async def test_a_config_path_holding_terminal_controls_is_logged_escaped(tmp_path, redis_url):
+    """The start-up line (`keygate listening: ... (config PATH, pid N)`) and a reload's log
+    lines (`SIGHUP: reloading PATH`, `config reloaded from PATH`) wrote the config path's raw
+    bytes: a name holding an escape sequence retitled the terminal that tails the log, and a
+    newline forged a log line of its own. Escaped, as config check's problems have it."""
+    name = "evil\x1b]0;PWNED\x07\x1b[2J\nfake.yaml:1: ok"
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, name=name)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        gw.proc.send_signal(signal.SIGHUP)
+        assert await eventually(lambda: "config reloaded from" in gw.stderr()), gw.stderr()
+        assert await asyncio.to_thread(gw.terminate) == 0
+        err = gw.stderr()
+        assert "\x1b" not in err and "\x07" not in err, repr(err)
+        assert not any(line.startswith("fake.yaml") for line in err.splitlines()), err
+        shown = str(tmp_path / "evil\\x1b]0;PWNED\\x07\\x1b[2J\\nfake.yaml:1: ok")
+        assert f"(config {shown}, pid " in err, err
+        assert f"SIGHUP: reloading {shown}\n" in err, err
+        assert f"config reloaded from {shown}\n" in err, err
+    finally:
+        gw.close()

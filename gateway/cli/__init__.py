@@ -110,7 +110,7 @@ def _command(argv: list[str] | None) -> int:
                   "listener (admin.port, default 8081): pass --admin-url or set "
                   "KEYGATE_ADMIN_URL to it", file=sys.stderr)
         elif exc.status == 401 and exc.invalid_token and exc.code == "unauthorized":
-            source = ("the variable admin.token_env names in " + args.config + ", else "
+            source = (f"the variable admin.token_env names in {printable(args.config)}, else "
                       if getattr(args, "config", None) else "")
             print(f"keygate: the token from {source}KEYGATE_ADMIN_TOKEN is not the operator "
                   f"token of the gateway at {url}: set it to the value that gateway was "

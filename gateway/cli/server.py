@@ -62,8 +62,9 @@ def _missing_default_config(path: str, given: str | None, how: str) -> bool:
     not as --config)."""
     if given or os.environ.get("KEYGATE_CONFIG") or os.path.exists(path):
         return False
-    print(f"keygate: no config file: {os.path.abspath(path)} does not exist. Name one "
-          f"({how}, or set KEYGATE_CONFIG); `keygate demo` runs without one.", file=sys.stderr)
+    print(printable(f"keygate: no config file: {os.path.abspath(path)} does not exist. Name "
+                    f"one ({how}, or set KEYGATE_CONFIG); `keygate demo` runs without one."),
+          file=sys.stderr)
     return True
 
 
@@ -95,6 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from ..config import load_config, servable_problems
+    from ..config.nodes import one_line
     from ..errors import ConfigError
     given = args.path or getattr(args, "config", None)
     path = config_path(given)
@@ -106,7 +108,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         problems = exc.problems
     except OSError as exc:
-        print(f"keygate: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        print(one_line(f"keygate: cannot read {path}: {exc.strerror or exc}"), file=sys.stderr)
         return 1
     if not problems:  # a valid file: what it drops that the store still uses
         for warning in config.warnings:  # served as written, but likely not as meant
@@ -118,7 +120,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(problem, file=sys.stderr)
     if problems:
         return 1
-    print(f"ok: {path}")
+    print(f"ok: {one_line(path)}")
     return 0
 
 

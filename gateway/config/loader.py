@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
+import unicodedata
 
 import yaml
 
@@ -131,7 +133,13 @@ def load_admin_section(path: str | os.PathLike[str]) -> AdminConfig:
     root, text = _compose(source)
     reader = Reader(source, client=True)
     try:
-        top = reader.mapping(root, "")
+        # the top level's own problems (a key duplicated or not a name) are the rest of the
+        # file's, but one that leaves no mapping to find `admin` in, and a duplicate `admin`
+        top = Reader(source, client=True).mapping(root, "")
+        if top is None:
+            reader.mapping(root, "")  # says why
+        else:
+            _duplicate_admin(reader, root)
         admin = dict((key, value) for key, _, value in top or ()).get("admin")
         section = reader.admin(admin) if top is not None else AdminConfig()
     except RecursionError:
@@ -141,18 +149,31 @@ def load_admin_section(path: str | os.PathLike[str]) -> AdminConfig:
     return section
 
 
+def _duplicate_admin(reader: Reader, root: Node | None) -> None:
+    """A second top-level ``admin`` key, which leaves the section a client reads in doubt."""
+    if not isinstance(root, yaml.MappingNode):
+        return
+    first = None
+    for key_node, _ in root.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value == "admin":
+            if first is None:
+                first = key_node
+            else:
+                reader.fail(key_node, "admin", f"duplicate key (first given on line "
+                                               f"{first.start_mark.line + 1})")
+
+
 def _compose(source: str) -> tuple[Node | None, str]:
     """(the file's composed YAML tree, its text), or ``ConfigError`` for a file that cannot
     be read or is not YAML."""
     try:
         raw = _read(source)
     except OSError as exc:
-        raise ConfigError([f"cannot read {source}: {exc.strerror or exc}"]) from None
+        raise ConfigError([one_line(f"cannot read {source}: {exc.strerror or exc}")]) from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"cannot read {source}: not UTF-8 text "
-                           f"(bad byte at offset {exc.start})"]) from None
+        raise ConfigError([_not_utf8(source, exc)]) from None
     if _deep_line(text) is not None:  # before the reader, which recurses as deep
         raise ConfigError([_too_deep(source, text)])
     try:
@@ -165,9 +186,51 @@ def _compose(source: str) -> tuple[Node | None, str]:
         what = exc.problem or exc.context or "invalid YAML"
         col = f" (column {mark.column + 1})" if mark is not None else ""
         raise ConfigError([one_line(f"{source}:{line}: invalid YAML: {what}{col}")]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow: no mark
+        raise ConfigError([_bad_character(source, text, exc)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([one_line(f"{source}:1: invalid YAML: {exc}")]) from None
     return root, text
+
+
+# what YAML (and so PyYAML's marks, and every other problem's line) counts as a line break
+_LINE_BREAKS = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
+
+
+def _bad_character(source: str, text: str, exc: yaml.reader.ReaderError) -> str:
+    """``file:line: invalid YAML: ...`` for a character YAML does not allow (a DEL, NUL or
+    ESC pasted from a terminal), at its own line and column: PyYAML's ReaderError gives only
+    its offset in the text, and says it in its own words ("unacceptable character #x007f ...
+    in "<unicode string>", position 170")."""
+    position = exc.position if isinstance(exc.position, int) else 0
+    if isinstance(exc.character, int):
+        char = chr(exc.character)
+    elif isinstance(exc.character, str) and exc.character:
+        char = exc.character[0]
+    else:
+        char = text[position] if 0 <= position < len(text) else ""
+    breaks = list(_LINE_BREAKS.finditer(text, 0, position))
+    line = len(breaks) + 1
+    column = position - (breaks[-1].end() if breaks else 0) + 1
+    what = f"character U+{ord(char):04X}" if char else "a character"
+    if char and unicodedata.category(char) == "Cc":
+        what += " (a control character)"
+    return one_line(f"{source}:{line}: invalid YAML: {what} is not allowed in a YAML file "
+                    f"(column {column})")
+
+
+def _not_utf8(source: str, exc: UnicodeDecodeError) -> str:
+    """``file:line: cannot read the file: not UTF-8 text ...`` at the bad byte's own line (the
+    newlines before it, plus one) and column (the characters before it on its line): a file
+    saved in Latin-1 or cp1252 by an editor. Offsets are the decoded bytes' (after a byte
+    order mark)."""
+    data = bytes(exc.object)
+    start = exc.start
+    line_start = data.rfind(b"\n", 0, start) + 1
+    line = data.count(b"\n", 0, start) + 1
+    column = len(data[line_start:start].decode("utf-8", "replace")) + 1
+    return one_line(f"{source}:{line}: cannot read the file: not UTF-8 text (byte "
+                    f"0x{data[start]:02x}, column {column}); save it as UTF-8")
 
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
@@ -227,8 +290,8 @@ def _too_deep(source: str, text: str) -> str:
     """The problem of a file nested deeper than the YAML reader (which recurses) can follow:
     at the line where its nesting first passes ``MAX_DEPTH`` (``_deep_line``); line 1 for a
     chain of merge keys."""
-    return (f"{source}:{_deep_line(text) or 1}: top level: nested too deeply (more than "
-            f"{MAX_DEPTH} levels of mappings, lists or merge keys)")
+    return one_line(f"{source}:{_deep_line(text) or 1}: top level: nested too deeply (more "
+                    f"than {MAX_DEPTH} levels of mappings, lists or merge keys)")
 
 
 def _deep_line(text: str) -> int | None:
@@ -270,9 +333,9 @@ def servable_problems(config: Config) -> list[str]:
     forward nothing (usually an empty file, or a file that is not the one meant).
     ``keygate serve`` and ``keygate config check`` refuse it; tests build such configs freely."""
     if not config.routes:
-        return [f"{config.source}:{_routes_line(config.source)}: routes: no routes are "
-                "defined, so the gateway would answer every request 404 no_route; add at "
-                "least one route (see docs/configuration.md#routes)"]
+        return [one_line(f"{config.source}:{_routes_line(config.source)}: routes: no routes "
+                         "are defined, so the gateway would answer every request 404 "
+                         "no_route; add at least one route (see docs/configuration.md#routes)")]
     return []
 
 

@@ -238,18 +238,20 @@ class RoutingSections(AccessSections):
             warnings.append(ConfigWarning(text, key))
         more = len(result.found) - VERB_WARNINGS_SHOWN
         if more > 0:  # a file with thousands of such pairs printed a line for each
-            text = (f"{self.source}: routes: warning: and {more} more such pair"
-                    f"{'s' if more > 1 else ''} of a keyed route and a later public route "
-                    f"it leaves methods to (only the first {VERB_WARNINGS_SHOWN} are shown); "
-                    "close the ones above and run keygate config check again")
+            text = one_line(
+                f"{self.source}: routes: warning: and {more} more such pair"
+                f"{'s' if more > 1 else ''} of a keyed route and a later public route "
+                f"it leaves methods to (only the first {VERB_WARNINGS_SHOWN} are shown); "
+                "close the ones above and run keygate config check again")
             warnings.append(ConfigWarning(text, ("verb-more", more)))
         if result.cut_at is not None:
-            text = (f"{self.source}:{line(result.cut_at)}: routes[{result.cut_at}]: warning: "
-                    f"the check for methods a keyed route leaves to a later public route "
-                    f"(HTTP verb tampering) stopped here, after {result.budget} glob "
-                    f"comparisons, as it would take too long for {len(routes)} routes of "
-                    f"this shape; routes[{result.cut_at}] was not checked in full, nor the "
-                    "keyed routes after it (the file is still valid)")
+            text = one_line(
+                f"{self.source}:{line(result.cut_at)}: routes[{result.cut_at}]: warning: "
+                f"the check for methods a keyed route leaves to a later public route "
+                f"(HTTP verb tampering) stopped here, after {result.budget} glob "
+                f"comparisons, as it would take too long for {len(routes)} routes of "
+                f"this shape; routes[{result.cut_at}] was not checked in full, nor the "
+                "keyed routes after it (the file is still valid)")
             warnings.append(ConfigWarning(text, ("verb-cut",)))
         return warnings
 

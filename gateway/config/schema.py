@@ -16,7 +16,8 @@ import stat
 from typing import Any, Callable, Mapping, Sequence
 
 from ..settings import ConfigWarning
-from .nodes import BAD, YAML11_BOOLEANS, YAML11_WORDS, Node, NodeReader, describe_value, suggest
+from .nodes import (BAD, YAML11_BOOLEANS, YAML11_WORDS, Node, NodeReader, describe_value,
+                    one_line, suggest)
 
 FieldReader = Callable[[Node, str], Any]
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -168,9 +169,9 @@ class SchemaReader(NodeReader):
             why = ("YAML 1.1's boolean word, text to YAML 1.2 tools" if node.style is None
                    else "quoted, it is text in YAML 1.1 and 1.2; taken as YAML 1.1's boolean "
                         "word")
-            self.warnings.append(ConfigWarning(
+            self.warnings.append(ConfigWarning(one_line(
                 f"{self.source}:{line}: {path}: warning: '{value}' is read as {written} "
-                f"({why}); write {written}",
+                f"({why}); write {written}"),
                 ("yaml11-boolean", path, value)))
             return meant
         if not isinstance(value, bool):

@@ -14,7 +14,7 @@ from ..redis_urls import check_store_url
 from ..settings import (AdminConfig, ConfigWarning, ServerConfig, StoreConfig, Timeouts,
                         TLSConfig, TracingConfig)
 from ..trust import as_network
-from .nodes import BAD, Node, child, is_null
+from .nodes import BAD, Node, child, is_null, one_line
 from .schema import SchemaReader
 
 SERVICE_NAME_RE = re.compile(r"\S.{0,127}")
@@ -158,12 +158,12 @@ class ServiceSections(SchemaReader):
                                              "(e.g. 10.0.0.0/8)")
             net = as_network(str(net))
             if net.prefixlen == 0:  # served as written, but every client is then a proxy
-                self.warnings.append(ConfigWarning(
+                self.warnings.append(ConfigWarning(one_line(
                     f"{self.source}:{child.start_mark.line + 1}: {sub}: warning: '{text}' "
                     f"trusts every IPv{net.version} peer: any client then names its own address in "
                     "X-Forwarded-For (the failure throttle, allowed_ips, the access log) and "
                     "passes X-Forwarded-*, X-Real-IP and the other headers kept from trusted "
-                    "proxies to the upstream; list the balancers' addresses instead",
+                    "proxies to the upstream; list the balancers' addresses instead"),
                     ("trust-everyone", text.strip())))
             return text.strip()
         values = self.string_list(node, path, network)
