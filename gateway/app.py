@@ -86,6 +86,24 @@ ADMIN_MAX_CONNECTIONS = 256
 STORE_CLOSE_TIMEOUT = 5
 
 
+def stop_bound(config: Config) -> float:
+    """Seconds a stop (SIGTERM) takes at worst, every step of it waiting its own bound out, as
+    docs/operations.md (Stopping) adds them up: 83 with the default drain, the access log and
+    tracing on. The supervisor of ``serve --workers N`` kills a worker still there past it
+    (``gateway.workers``): one that does not end (its event loop wedged, the process stopped)
+    would otherwise hold the stop, and the grace period sized on this bound, for ever."""
+    from .accesslog import ACCESS_LOG_CLOSE_TIMEOUT, LOG_FLUSH_TIMEOUT
+    from .tracing import SPAN_FLUSH_TIMEOUT
+    return (drain_seconds() + ADMIN_SHUTDOWN_TIMEOUT
+            + CLOSE_STEP_TIMEOUT                 # the look at Redis's eviction policy
+            + LEDGER_SHUTDOWN_TIMEOUT            # the usage counted while Redis was down
+            + (ACCESS_LOG_CLOSE_TIMEOUT if config.server.access_log != "off" else 0)
+            + (SPAN_FLUSH_TIMEOUT if config.tracing is not None else 0)
+            + CLOSE_STEP_TIMEOUT                 # the upstream connections
+            + 2 * STORE_CLOSE_TIMEOUT            # the two store clients
+            + LOG_FLUSH_TIMEOUT)                 # the log's last lines at exit
+
+
 @dataclass
 class Gateway:
     config: Config

@@ -14,13 +14,15 @@ import gc
 import logging
 import os
 import re
+import select
 import signal
 import sys
+import time
 from typing import Any, Callable, Coroutine, TypeVar
 
 from .admin.listener import READINESS
 from .admin.middleware import operator_token_weakness
-from .app import ListenError, running_gateway, start_listeners, stop_listeners
+from .app import ListenError, running_gateway, start_listeners, stop_bound, stop_listeners
 from .config import Config, load_config, servable_problems
 from .config.nodes import one_line
 from .errors import ConfigError, StoreError
@@ -489,10 +491,10 @@ def _supervise(config: Config, store_url: str, workers: int,
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ["KEYGATE_SUPERVISOR_PID"] = str(os.getpid())  # a worker asks it to reload all
     children: list[int] = []
-    stopping: list[bool] = []  # non-empty once the supervisor has asked the workers to stop
+    stopping: list[float] = []  # non-empty once the supervisor has asked the workers to stop
 
     def forward(signum, _frame) -> None:
-        stopping.append(True)
+        stopping.append(time.monotonic())  # the first: when the stop's bound began
         # stopping: a SIGHUP from now on neither reaches the stopping workers nor, once the
         # handler below is gone at exit, ends the supervisor (exit 0, not death by signal)
         ignore_hangups()
@@ -584,38 +586,101 @@ def _supervise(config: Config, store_url: str, workers: int,
 
     if not unforked:  # (stopping: forward ignores SIGHUP from then on)
         signal.signal(signal.SIGHUP, reload_all)  # after forking: workers have their own
+    # The wait for the workers wakes for a worker's end and for a signal (a stop starts the
+    # clock on its bound): each writes a byte to this pipe (signal.set_wakeup_fd; SIGCHLD
+    # given a handler, which does nothing, for it to). A blocking os.waitpid woke for neither:
+    # a worker that never ended kept the supervisor waiting for ever, past every bound.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, _woken)  # after forking: the workers keep the default
+    previous_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals | {signal.SIGHUP})
     if embedded is not None:  # after forking: a thread and fork() do not mix
         embedded.watch()
     status = 1 if unforked else 0
     remaining = set(children)
-    while remaining:
-        try:
-            # Workers only (they are in our process group): the embedded redis-server, in a
-            # session of its own, is its watcher's to reap. Reaped here, its death used to read
-            # as a worker failing and took every worker down with it.
-            pid, code = os.waitpid(0, 0)
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        remaining.discard(pid)
-        exit_code = os.waitstatus_to_exitcode(code)
-        if exit_code != 0 or not _asked_to_stop(stopping):
-            status = 1  # a worker died (even the last one): the exit code must say so
-            # and the log says which and of what (a SIGKILL, the OOM killer, leaves no line
-            # of its own: the others' "shutting down" was all an operator saw). A clean stop
-            # the supervisor did not ask for (`kill PID` of one worker) is one too: reaped
-            # without a word, it left one worker fewer for good.
-            log.error("%s: %s%s", worker_name(children.index(pid) + 1, pid), _death(exit_code),
-                      "; stopping the other workers" if remaining else "")
-            if remaining:  # take the rest down so the supervisor above restarts us
-                forward(signal.SIGTERM, None)
+    bound = stop_bound(config) + STOP_SLACK
+    killed_at: float | None = None
+    try:
+        while remaining:
+            try:
+                # Workers only (they are in our process group): the embedded redis-server, in
+                # a session of its own, is its watcher's to reap. Reaped here, its death used
+                # to read as a worker failing and took every worker down with it.
+                pid, code = os.waitpid(0, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:  # none has ended (yet): wait for one, a signal or the bound
+                timeout = None
+                if killed_at is not None:
+                    timeout = killed_at + KILL_WAIT - time.monotonic()
+                    if timeout <= 0:
+                        log.error("%s not reaped %g s after SIGKILL; exiting without them",
+                                  ", ".join(_names(children, remaining)), KILL_WAIT)
+                        status = 1
+                        break
+                elif stopping:
+                    timeout = stopping[0] + bound - time.monotonic()
+                    if timeout <= 0:
+                        status = 1
+                        killed_at = time.monotonic()
+                        _kill_past_the_bound(children, remaining, killed_at - stopping[0],
+                                             bound)
+                        continue
+                select.select([wake_r], [], [], timeout)
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 512):
+                        pass
+                continue
+            remaining.discard(pid)
+            exit_code = os.waitstatus_to_exitcode(code)
+            if exit_code != 0 or not _asked_to_stop(stopping):
+                status = 1  # a worker died (even the last one): the exit code must say so
+                # and the log says which and of what (a SIGKILL, the OOM killer, leaves no
+                # line of its own: the others' "shutting down" was all an operator saw). A
+                # clean stop the supervisor did not ask for (`kill PID` of one worker) is one
+                # too: reaped without a word, it left one worker fewer for good.
+                log.error("%s: %s%s", worker_name(children.index(pid) + 1, pid),
+                          _death(exit_code),
+                          "; stopping the other workers" if remaining else "")
+                if remaining:  # take the rest down so the supervisor above restarts us
+                    forward(signal.SIGTERM, None)
+    finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.close(wake_r)
+        os.close(wake_w)
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
 
 
-def _asked_to_stop(stopping: list[bool]) -> bool:
+# Seconds past stop_bound a worker may take before the supervisor kills it (the steps' own
+# bookkeeping, the interpreter's exit), and then for a killed worker to be reaped.
+STOP_SLACK = 2.0
+KILL_WAIT = 5.0
+
+
+def _woken(_signum, _frame) -> None:
+    """SIGCHLD's handler in the supervisor: nothing, its byte on the wake-up pipe is all."""
+
+
+def _names(children: list[int], pids: set[int]) -> list[str]:
+    return [worker_name(children.index(pid) + 1, pid) for pid in sorted(pids)]
+
+
+def _kill_past_the_bound(children: list[int], remaining: set[int], waited: float,
+                         bound: float) -> None:
+    """SIGKILL each worker still there ``waited`` s after the supervisor asked them to stop,
+    past ``bound`` (the most every step of a stop takes: ``stop_bound``), saying which and
+    why. Reaped next, each then reads as a worker killed (exit 1)."""
+    for pid in sorted(remaining):
+        log.error("%s: still running %.0f s after it was asked to stop (every step of a stop "
+                  "ends within %.0f s); killing it (SIGKILL)",
+                  worker_name(children.index(pid) + 1, pid), waited, bound)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _asked_to_stop(stopping: list[float]) -> bool:
     """Whether the supervisor has asked its workers to stop. A function of its own: entering it
     runs the Python-level handler of a stop signal that reached the supervisor before the
     worker's exit was reaped (a Ctrl-C reaches the whole process group in one system call), so

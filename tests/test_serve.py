@@ -805,6 +805,49 @@ async def test_a_worker_stopped_from_outside_is_named_in_the_supervisors_log(tmp
                 os.kill(pid, signal.SIGKILL)
 
 
+async def test_a_stop_with_a_wedged_worker_is_still_bounded(tmp_path, upstream, redis_url):
+    """docs/operations.md, Stopping: "Every step of the stop is bounded, and at worst they add
+    up to 83 s with the default drain", and the Deployment's grace period is sized on that.
+    Under `--workers 2` the supervisor forwarded SIGTERM to its workers and then waited for
+    them with a blocking ``os.waitpid`` for ever: a worker that does not end (its event loop
+    wedged; here stopped with SIGSTOP) kept the supervisor running past every bound (still
+    there 100 s after the SIGTERM) until something outside SIGKILLed it. It now kills a
+    worker still there past the bound (here 1 s of drain, no access log, no tracing: 34 s,
+    and 2 s of slack), names it and says why, and exits 1."""
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    gw = Served(config, pport, aport, "--workers", "2", environ={"KEYGATE_DRAIN_SECONDS": "1"})
+    wedged = None
+    try:
+        await gw.ready()
+        wedged = min(await two_workers(gw))
+        os.kill(wedged, signal.SIGSTOP)
+        started = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        try:  # the documented worst case with a 1 s drain (and tracing on) is 54 s
+            code = await asyncio.to_thread(gw.proc.wait, 70)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"serve --workers 2 still running "
+                                 f"{time.monotonic() - started:.0f} s after SIGTERM, waiting "
+                                 f"for a wedged worker: {gw.stderr()[-1500:]}") from None
+        took = time.monotonic() - started
+        err = gw.stderr()
+        assert code == 1, err
+        assert 34 <= took < 45, (took, err)  # not before the bound, and soon after it
+        assert re.search(rf"worker [12] \(pid {wedged}\): still running 3[67] s after it was "
+                         r"asked to stop \(every step of a stop ends within 36 s\); killing it "
+                         r"\(SIGKILL\)", err), err
+        assert re.search(rf"worker [12] \(pid {wedged}\): was killed by signal 9", err), err
+        assert re.search(operations_md_quote("still running"), err), err
+        assert "Traceback" not in err
+        assert not alive(wedged)
+    finally:
+        if wedged is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(wedged, signal.SIGKILL)
+        gw.close()
+
+
 def test_a_worker_that_cannot_be_forked_is_one_line_and_the_others_stop(tmp_path):
     """`serve --workers N` where the system refuses a fork (a container's pids limit, ENOMEM):
     os.fork's BlockingIOError went up as a traceback, leaving the workers already forked to
