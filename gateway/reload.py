@@ -255,17 +255,18 @@ class Reloader:
             return asked
         return None
 
-    async def siblings_reloaded(self, asked: float,
-                                timeout: float = SIBLINGS_WAIT) -> list[str]:
+    async def siblings_reloaded(self, asked: float, timeout: float = SIBLINGS_WAIT
+                                ) -> tuple[list[str], list[str]]:
         """Until every other worker still running has reloaded from the file since ``asked``
         (or refused it), so a request the API's caller sends next sees the new config
-        whichever worker takes it; at most ``timeout`` seconds (then a warning). Returns the
-        problems of the workers that refused the file (each read it itself: one that read it
-        changed, an editor half-way through writing it, kept its old config), as
-        ``worker I (pid P): problem``, as its own log lines name it; empty when all took
-        it."""
+        whichever worker takes it; at most ``timeout`` seconds. Returns the problems of the
+        workers that refused the file (each read it itself: one that read it changed, an
+        editor half-way through writing it, kept its old config), as ``worker I (pid P):
+        problem``, as its own log lines name it; and the workers that had not re-read it by
+        then (``worker I (pid P)``: an event loop busy or wedged, a process stopped), which
+        may still serve the old config. Both empty when all took it."""
         if self._marks is None:
-            return []
+            return [], []
         deadline = time.monotonic() + timeout
         while True:
             marks = [m for m in _marks(self._marks) if m[0] != os.getpid()]
@@ -278,11 +279,12 @@ class Reloader:
                 if refused:
                     log.error("reload: this worker took %s, but other workers refused it "
                               "and keep their old config: %s", self.path, "; ".join(refused))
-                return refused
+                return refused, []
             if time.monotonic() >= deadline:
                 log.warning("reload: %s had not re-read the config %.0f s after the reload "
-                            "call; answering it all the same", ", ".join(behind), timeout)
-                return []
+                            "call, and may still serve the old one; the call answers so "
+                            "(not_confirmed)", ", ".join(behind), timeout)
+                return [], behind
             await asyncio.sleep(0.005)
 
     def _mark(self, started: float, problems: list[str] | None = None) -> None:
@@ -370,7 +372,10 @@ def _with_problems(error: BadRequest | Conflict, request_id: str) -> bytes:
 def add_reload_route(app: web.Application, reloader: Reloader) -> None:
     """``POST /admin/v1/reload`` (operator token, like all of ``/admin/``): 200 with the
     result, 400 with the problems (nothing changed), 409 without a config file to re-read, or
-    (``serve --workers N``) when other workers refused the file this one took."""
+    (``serve --workers N``) when other workers refused the file this one took. Under
+    ``--workers N`` a 200 whose workers did not all confirm the reload within
+    ``SIBLINGS_WAIT`` names those in ``not_confirmed``: this worker took the file, the SPEC's
+    200, but the call cannot say the next request sees it whichever worker takes it."""
 
     async def reload(request: web.Request) -> web.Response:
         if (await request.read()).strip() not in (b"", b"{}"):
@@ -383,9 +388,14 @@ def add_reload_route(app: web.Application, reloader: Reloader) -> None:
         except ConfigError as exc:
             raise ConfigRejected(list(exc.problems)) from None
         asked = reloader.tell_siblings()
-        if asked is not None and (refused := await reloader.siblings_reloaded(asked)):
-            raise WorkersDisagree(refused)
-        return web.json_response(result.to_json())
+        body = result.to_json()
+        if asked is not None:
+            refused, behind = await reloader.siblings_reloaded(asked)
+            if refused:
+                raise WorkersDisagree(refused)
+            if behind:  # this worker took it; those may still serve the old config
+                body["not_confirmed"] = behind
+        return web.json_response(body)
 
     app.router.add_post("/admin/v1/reload", reload)
 

@@ -2142,6 +2142,33 @@ async def test_reload_problems_never_write_terminal_controls(aiohttp_server):
                                     "\\x0d\\x0ay", "7"], err
 
 
+@pytest.mark.parametrize("json_out", [False, True], ids=["text", "json"])
+async def test_a_reload_some_worker_has_not_confirmed_fails_naming_it(aiohttp_server, json_out):
+    """Under `serve --workers N` a reload call answers 200 once the worker that took it has
+    reloaded, with ``not_confirmed`` naming the workers that had not re-read the file 10 s
+    later (tests/test_reload.py). `keygate reload` printed "reloaded FILE" and exited 0 all
+    the same: the operator was told the change was live while those workers served the old
+    config. It now says which workers may still serve it, and exits 1."""
+    from aiohttp import web
+
+    async def reload(request: web.Request) -> web.Response:
+        return web.json_response({"result": "ok", "config": "/etc/keygate.yaml",
+                                  "reloaded_at": "2026-12-07T10:00:00Z",
+                                  "restart_required": [],
+                                  "not_confirmed": ["worker 2 (pid 4242)\x1b[2J"]})
+
+    url = await serve_answer(aiohttp_server, reload, "/admin/v1/reload", "POST")
+    code, out, err, _ = await run_script("--admin-url", url, "reload",
+                                         *(["--json"] if json_out else []))
+    assert code == 1, (out, err)
+    if json_out:
+        assert json.loads(out)["not_confirmed"] == ["worker 2 (pid 4242)\x1b[2J"]
+    else:
+        assert out.startswith("reloaded /etc/keygate.yaml"), out
+    assert "worker 2 (pid 4242)\\x1b[2J had not re-read the file" in err, err
+    assert "\x1b" not in err, err
+
+
 async def test_listings_never_print_bidi_overrides_or_line_separators(aiohttp_server):
     """A name holding U+202E (RIGHT-TO-LEFT OVERRIDE), an isolate or U+2028 makes a table
     line read other than it is. The admin API refuses them in names (gateway/admin/validate.py

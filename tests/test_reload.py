@@ -689,6 +689,59 @@ async def test_an_admin_reload_a_sibling_worker_refuses_is_not_answered_as_a_suc
         gw.close()
 
 
+async def test_a_reload_a_worker_has_not_taken_is_not_reported_as_done(tmp_path,
+                                                                       slow_upstream, redis_url):
+    """docs/operations.md: under `--workers N`, `keygate reload` "answers once every worker
+    has re-read the file, so the next request sees the new config whichever worker takes
+    it". A worker that had not re-read it 10 s later (its event loop busy or wedged; here
+    stopped with SIGSTOP) was only a WARNING in the log: the call answered 200 ``{"result":
+    "ok"}`` like any other, and `keygate reload` printed "reloaded FILE", exit 0, while that
+    worker served the old routes. The 200 (this worker did take the file) now names those
+    workers in ``not_confirmed``, and the command says so and exits 1
+    (tests/test_cli.py)."""
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    stopped = None
+    try:
+        await gw.ready()
+        assert await eventually(lambda: gw.stderr().count("keygate listening") == 2), \
+            gw.stderr()
+        reader, writer = await asyncio.open_connection("127.0.0.1", aport)
+        answering = await serving_pid(aport, writer.get_extra_info("sockname")[1])
+        [stopped] = children_of(gw.proc.pid) - {answering}
+        stopped_pid = stopped
+        os.kill(stopped, signal.SIGSTOP)
+        edit_routes(config, [PEOPLE, {"path": "/more/**", "upstream": "api",
+                                      "scopes": ["people:read"]}])
+        writer.write(b"POST /admin/v1/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                     b"Connection: close\r\nAuthorization: Bearer " + ADMIN_TOKEN.encode()
+                     + b"\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        head, _, raw = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), answer
+        body = json.loads(raw)
+        assert body["result"] == "ok", body
+        assert len(body["not_confirmed"]) == 1, body
+        assert re.fullmatch(rf"worker [12] \(pid {stopped_pid}\)", body["not_confirmed"][0]), body
+        assert await eventually(lambda: re.search(
+            rf"worker [12] \(pid {stopped_pid}\) had not re-read the config 10 s after the "
+            r"reload call", gw.stderr())), gw.stderr()
+        os.kill(stopped, signal.SIGCONT)
+        stopped = None
+        # once every worker has taken it, the answer is the usual one again
+        async with ClientSession(timeout=TIMEOUT) as s:
+            for _ in range(4):
+                status, body = await admin_json(s, gw.admin, "POST", "/reload")
+                assert status == 200 and "not_confirmed" not in body, body
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        gw.close()
+
+
 async def test_an_admin_reload_waits_for_a_worker_still_starting(tmp_path, slow_upstream,
                                                                  redis_url):
     """Under ``--workers 2`` the reload call answers once every worker has re-read the file.

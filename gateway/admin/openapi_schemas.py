@@ -182,7 +182,14 @@ def schemas() -> dict[str, Schema]:
                              "reloaded_at": TIMESTAMP,
                              "restart_required": {"type": "array", "items": {"type": "string"},
                                                   "description": "settings changed in the file "
-                                                                 "but kept until a restart"}}),
+                                                                 "but kept until a restart"}},
+                            {"not_confirmed": {
+                                "type": "array", "items": {"type": "string"}, "minItems": 1,
+                                "description": "under `serve --workers N`, only when some "
+                                               "worker had not re-read the file 10 s after "
+                                               "the call (busy, wedged, stopped): those "
+                                               "workers, as `worker I (pid P)`; they may "
+                                               "still serve the old config"}}),
         "ConfigProblems": obj({"error": obj({
             "code": {"const": "bad_request"}, "message": {"type": "string"},
             "request_id": {"type": "string"},

@@ -184,5 +184,12 @@ def cmd_reload(args: argparse.Namespace, client: AdminClient) -> int:
                 pass
         raise
     kept = result.get("restart_required") or []
-    return show(args, client, lambda: f"reloaded {esc(result.get('config'))}" + (
+    code = show(args, client, lambda: f"reloaded {esc(result.get('config'))}" + (
         f"; kept until a restart: {words(kept, ', ')}" if kept else ""))
+    behind = result.get("not_confirmed")
+    if code == 0 and behind:  # taken by the worker that answered, not (yet) by these
+        print(f"keygate: but {words(behind, ', ')} had not re-read the file when the call "
+              "answered and may still serve the old config (busy, wedged or stopped?): see "
+              "the gateway's log, and reload again", file=sys.stderr)
+        return 1
+    return code
