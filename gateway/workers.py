@@ -188,11 +188,14 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
             _say(str(exc))
             return 1
         frozen = settle_heap()
+        checking = None
         try:
             log.info("keygate listening: proxy %s:%d, admin %s:%d (config %s, pid %d)",
                      config.server.host, config.server.port, config.admin.host,
                      config.admin.port, one_line(os.path.abspath(config.source)), os.getpid())
             log.info("start-up heap: %d objects kept out of garbage collection", frozen)
+            if os.environ.get("KEYGATE_WORKER", "1") == "1":  # said once, not once a worker
+                checking = asyncio.ensure_future(say_what_the_file_drops(gw))
             reloads: set[asyncio.Task] = set()
 
             def hangup() -> None:
@@ -208,8 +211,40 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
             gw.admin_app[READINESS].stopping = True  # /readyz 503 from now, during the drain
             log.info("shutting down: finishing in-flight requests")
         finally:
+            if checking is not None:  # (its store read, cancelled, ends at once)
+                checking.cancel()
+                await asyncio.gather(checking, return_exceptions=True)
             await stop_listeners(runners)
     return 0
+
+
+IN_USE_ATTEMPTS = 3     # start-up's look at what the file drops: tries, IN_USE_RETRY s apart
+IN_USE_RETRY = 15.0
+
+
+async def say_what_the_file_drops(gw) -> None:
+    """At start, in the background: warn of each plan workspaces are on and each configured
+    role keys are bound to that the file lacks (``gateway.config_in_use``), as a reload's
+    refusal and ``keygate config check`` word them. A restart (a rollout) takes such a file
+    where a reload refuses it: its workspaces fall to ``default_plan``, its keys are left with
+    no scopes, and the start said nothing. Never holds nor fails the start: the store is
+    asked after the listeners are up, bounded, a few times if it does not answer; then one
+    warning says what was not checked."""
+    from .config_in_use import in_use_problems, not_checked
+    for attempt in range(IN_USE_ATTEMPTS):
+        if attempt:
+            await asyncio.sleep(IN_USE_RETRY)
+        config = gw.config  # (a reload meanwhile: the file in force now)
+        try:
+            problems = await in_use_problems(gw.store, config)
+        except StoreError as exc:
+            failure = exc
+            continue
+        for problem in problems:
+            log.warning("started on a file a reload would refuse: %s", problem)
+        return
+    log.warning("start-up: could not check %s (%s); run keygate config check %s",
+                not_checked(gw.config, None), failure, one_line(gw.config.source))
 
 
 def listen_for_hangups(hangup: Callable[[], None]) -> None:

@@ -1338,3 +1338,59 @@ async def test_a_config_path_holding_terminal_controls_is_logged_escaped(tmp_pat
         assert f"config reloaded from {shown}\n" in err, err
     finally:
         gw.close()
+
+
+@pytest.mark.parametrize("drops", ["plan", "role"])
+async def test_a_restart_that_drops_a_plan_in_use_says_so(tmp_path, redis_url, drops):
+    """docs/configuration.md: a reload that drops or renames a plan workspaces are on, or a
+    configured role keys are bound to, is refused, and `keygate config check` reports it. A
+    restart (on Kubernetes, a rollout: the documented way to change the config) started on
+    such a file without a word: every workspace on the plan silently took default_plan's
+    limits, every key on the role was left with no scopes. `serve` now says so at start, as
+    a WARNING naming the plan or role and who is on it, as the reload's refusal words it, once
+    the store answers (in the background: it never holds nor fails the start)."""
+    config, proxy_port, admin_port = write_config(tmp_path, redis_url=redis_url)
+    doc = yaml.safe_load(config.read_text())
+    doc["roles"] = {"reader": ["people:read"]}
+    config.write_text(yaml.safe_dump(doc))
+    gw = Served(config, proxy_port, admin_port)
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            status, body = await admin_json(s, gw.admin, "POST", "/workspaces",
+                                            {"id": "bigco", "name": "BigCo", "plan": "starter"})
+            assert status == 201, body
+            status, body = await admin_json(s, gw.admin, "POST", "/workspaces/bigco/keys",
+                                            {"name": "it", "role": "reader"})
+            assert status == 201, body
+        assert await asyncio.to_thread(gw.terminate) == 0
+        assert "a reload would refuse" not in gw.stderr(), gw.stderr()  # nothing dropped yet
+    finally:
+        gw.close()
+    if drops == "plan":
+        doc["plans"] = {"basic": {"monthly_requests": 10, "max_keys": 1, "rate_limit": None}}
+        doc["default_plan"] = "basic"
+        said = (r"WARNING keygate: started on a file a reload would refuse: [^\n]*: plans: plan "
+                r"'starter' is not in this file, but 1 workspace \(bigco\) is on it and would "
+                r"fall back to default_plan 'basic'")
+    else:
+        del doc["roles"]
+        said = (r"WARNING keygate: (worker \d \(pid \d+\): )?started on a file a reload would "
+                r"refuse: [^\n]*: roles: role "
+                r"'reader' is not in this file, but 1 key \(not revoked or expired\) in 1 "
+                r"workspace \(bigco\) is bound to it and would be left with no scopes")
+    config.write_text(yaml.safe_dump(doc))
+    checked = subprocess.run([sys.executable, "-m", "gateway", "config", "check", str(config)],
+                             capture_output=True, text=True, timeout=30, env=env(),
+                             stdin=subprocess.DEVNULL)
+    assert checked.returncode == 1 and ("starter" if drops == "plan" else "reader") in \
+        checked.stdout + checked.stderr, checked
+    # (under --workers N: said once, by the first worker)
+    gw = Served(config, proxy_port, admin_port, *(["--workers", "2"] if drops == "role" else []))
+    try:
+        await gw.ready()
+        assert await eventually(lambda: re.search(said, gw.stderr())), gw.stderr()
+        assert await asyncio.to_thread(gw.terminate) == 0
+        assert len(re.findall(said, gw.stderr())) == 1, gw.stderr()
+    finally:
+        gw.close()
