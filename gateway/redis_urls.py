@@ -182,7 +182,7 @@ def parse_topology_url(url: str) -> TopologyURL:
     allowed = (_SENTINEL_PARAMS if sentinel else ()) + (TLS_OPTIONS if tls else ())
     # An '@' past the host list: a user name or password with a '/' or '?' in it ended the
     # host list early (see _misplaced_at)
-    if "@" in path or (not at and _password_in_query(query, allowed)):
+    if "@" in path or _password_in_query(query, allowed):
         raise _misplaced_at(scheme, "host list")
     try:
         nodes = tuple(_node(h.strip(), default_port, scheme) for h in hostlist.split(","))
@@ -556,9 +556,10 @@ def check_store_url(url: str) -> None:
     if "#" in url:
         raise ValueError(f"a {scheme}:// URL cannot have a # fragment (redis-py ignores "
                          "it): percent-encode a # in its user name or password as %23")
-    if "@" in parts.path or (
-            parts.username is None and parts.password is None and _password_in_query(
-                parts.query, _standalone_options(scheme == "unix") | set(TLS_OPTIONS))):
+    # (with user info before it too: ``redis://u:Kq@Zt9?Wv8@host/0`` is password Kq@Zt9?Wv8,
+    # which redis-py reads as password Kq and host zt9)
+    if "@" in parts.path or _password_in_query(
+            parts.query, _standalone_options(scheme == "unix") | set(TLS_OPTIONS)):
         raise _misplaced_at(scheme, "host")
     if scheme == "unix":
         if not parts.path:
@@ -669,16 +670,47 @@ def redact(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
+    end = _userinfo_end(rest)
+    userinfo, at = (rest[:end], "@") if end >= 0 else ("", "")
+    rest = rest[end + 1:]
     rest, q, query = rest.partition("?")
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
+    hosts, slash, path = rest.partition("/")
+    if any(c in userinfo for c in "/?#@"):  # a user info with unencoded characters: all of
+        userinfo = "***"                     # it may be password (the user name too)
+    elif at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
     if query:  # a name as the query is read: percent-decoded (pass%77ord is the password)
         query = "&".join(p.split("=", 1)[0] + "=***"
                          if unquote_plus(p.split("=", 1)[0]).endswith("password")
                          else p for p in query.split("&"))
     return f"{scheme}://{userinfo}{at}{hosts}{slash}{path}{q}{query}"
+
+
+def _known_option(name: str) -> bool:
+    """Whether ``name`` (as written in a query) is an option some store URL takes."""
+    name = unquote_plus(name)
+    return (name.endswith("password") or name in _SENTINEL_PARAMS or name in TLS_OPTIONS
+            or name in _standalone_options(False) or name in _standalone_options(True))
+
+
+def _userinfo_end(rest: str) -> int:
+    """Where the user info of a URL (what follows ``scheme://``) ends: the index of its '@',
+    -1 when it has none. That is the last '@' that is not inside the value of a query option
+    (``?password=p@ss``): a user info whose password has an unencoded '/', '?' or '#' runs
+    past where a parser ends the host (``Kq@Zt9?Wv8@host``), and all of it is masked."""
+    end = rest.rfind("@")
+    while end >= 0:
+        before = rest[:end]
+        if before.startswith("/"):  # no host, a socket path (unix:///run/a@b.sock)
+            return -1
+        cut = max(before.rfind("?"), before.rfind("&"))
+        if cut < 0:
+            return end
+        name, eq, _ = before[cut + 1:].partition("=")
+        if not (eq and _known_option(name)):
+            return end
+        end = rest.rfind("@", 0, cut)  # inside an option's value: the one before
+    return -1
 
 
 def _given(**credentials: str | None) -> dict[str, str]:

@@ -222,6 +222,45 @@ def test_redact_masks_both_passwords() -> None:
     assert shown.startswith("redis+sentinel://app:***@s1,s2/m?")
 
 
+@pytest.mark.parametrize("url, shown", [
+    ("redis://default:Kq@Zt9?Wv8@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+    ("redis://:Kq@Zt9?Wv8@h:6379/0?db=1", "redis://***@h:6379/0?db=1"),
+    ("redis://u:Kq@Zt9?Wv8=x@h:6379/0", "redis://***@h:6379/0"),
+    ("redis://:2024/Kq/Zt9Wv8@h/0", "redis://***@h/0"),
+    ("redis+sentinel://:Kq@Zt9?Wv8=1@s1:26379/m", "redis+sentinel://***@s1:26379/m"),
+    ("redis://u:Kq?Zt9Wv8@h/0?password=p@ss", "redis://***@h/0?password=***"),
+    ("redis://h:1/0?password=p@ss&client_name=a@b", "redis://h:1/0?password=***&client_name=a@b"),
+    ("unix:///run/a@b.sock?password=p@ss", "unix:///run/a@b.sock?password=***"),
+    ("redis://app:Kq@h/0", "redis://app:***@h/0"),
+])
+def test_redact_masks_all_of_a_user_info_whose_password_was_not_percent_encoded(
+        url: str, shown: str) -> None:
+    """A password with an unencoded '@' then '?' (or '/'): redact masked only up to the first
+    '@' of the host part, and the start-up line showed 'redis://default:***@Zt9?Wv8@...'.
+    The user info runs to the last '@' that is not inside a query option's value, all of it
+    masked when it holds a character a user info cannot."""
+    assert redact(url) == shown
+    assert "Zt9" not in redact(url) and "Wv8" not in redact(url)
+
+
+def test_a_password_with_an_unencoded_at_then_question_mark_is_refused_at_load(
+        tmp_path: Path) -> None:
+    """``redis://default:Kq@Zt9?Wv8@host/0``: the misplaced '@' was looked for only in URLs
+    with no user info before it, so redis-py's reading (password Kq, host zt9) was taken.
+    Refused, saying to percent-encode '@', quoting nothing of the URL past its scheme."""
+    from gateway.redis_urls import check_store_url
+    for url in ("redis://default:Kq@Zt9?Wv8@127.0.0.1:6379/0", "redis://:Kq@Zt9?Wv8@h/0",
+                "rediss://:Kq@Zt9?Wv8@h:6380/0", "unix://:Kq@Zt9?Wv8@/run/r.sock",
+                "redis+sentinel://:Kq@Zt9?Wv8@s1:26379/m",
+                "redis+cluster://:Kq@Zt9?Wv8@n1:7000"):
+        with pytest.raises(ValueError) as refused:
+            check_store_url(url)
+        said = str(refused.value)
+        assert "%40" in said and "Zt9" not in said and "Wv8" not in said, said
+        assert "127.0.0.1" not in said and "Kq" not in said, said
+    check_store_url("redis://app:pw@127.0.0.1:6379/0?client_name=a@b")  # an '@' in a value
+
+
 @pytest.mark.parametrize("url", [
     "unix:///run/none.sock?db=1&pass%77ord=hunter2",
     "redis://127.0.0.1:1/0?%70assword=hunter2",

@@ -373,6 +373,87 @@ def test_a_redis_on_a_unix_socket_refusing_the_password_says_check_the_credentia
         server.wait(10)
 
 
+def password_redis(tmp_path, password: str) -> tuple[subprocess.Popen, int]:
+    """A redis-server whose default user's password is ``password``, and its port."""
+    for _ in range(3):  # a port another test took between free_port and the bind: anew
+        port = free_port()
+        server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind",
+                                   "127.0.0.1", "--save", "", "--appendonly", "no",
+                                   "--dir", str(tmp_path), "--requirepass", password],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while server.poll() is None and time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return server, port
+            time.sleep(0.05)
+        server.kill()
+        server.wait(10)
+    pytest.fail("the password-protected redis-server did not start")
+
+
+def check_and_serve_outputs(where: Path, url: str) -> list[tuple[str, int, str]]:
+    """(command, exit code, stdout + stderr) of `keygate config check` and `keygate serve`
+    on a config whose store.redis_url is ``url``."""
+    where.mkdir(exist_ok=True)
+    config, _, _ = write_config(where, redis_url=url)
+    outs = []
+    for cmd in (["config", "check", str(config)], ["serve", "--config", str(config)]):
+        r = subprocess.run([sys.executable, "-m", "gateway", *cmd], capture_output=True,
+                           text=True, timeout=60, env=env(), stdin=subprocess.DEVNULL,
+                           cwd=str(where))
+        outs.append((cmd[0], r.returncode, r.stdout + r.stderr))
+    return outs
+
+
+def test_a_password_with_an_unencoded_at_then_question_mark_is_never_printed(tmp_path):
+    """An operator pastes a generated password without percent-encoding it:
+    ``redis://default:Kq@Zt9?Wv8@host:port/0`` (password ``Kq@Zt9?Wv8``). The load-time check
+    refused a misplaced '@' only when the URL had no user info before it, so this URL was
+    accepted: redis-py reads password ``Kq`` and host ``zt9``, and `keygate serve` failed with
+    "cannot reach the store at redis://default:***@Zt9?Wv8@127.0.0.1:...: ... connecting to
+    zt9:6379" -- most of the password, in the start-up line (SPEC: one line, no password in
+    it), after `config check` said ok. It is refused at load, quoting nothing of the URL."""
+    password = "Kq@Zt9?Wv8"
+    server, port = password_redis(tmp_path, password)
+    try:
+        problems = []
+        for i, url in enumerate([f"redis://default:{password}@127.0.0.1:{port}/0",
+                                 f"redis://:{password}@127.0.0.1:{port}/0"]):
+            for cmd, code, text in check_and_serve_outputs(tmp_path / f"c{i}", url):
+                if "zt9" in text.lower() or "wv8" in text.lower():
+                    problems.append(f"{cmd} (exit {code}) shows the password: {text.strip()}")
+                if code != 1 or "%40" not in text:
+                    problems.append(f"{cmd} (exit {code}) does not refuse it: {text.strip()}")
+        assert not problems, "\n".join(problems)
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_a_query_password_with_an_unencoded_ampersand_is_never_printed(tmp_path):
+    """``?password=Kq7&Wv8zz`` (the '&' not percent-encoded): redis-py reads password ``Kq7``
+    and drops ``Wv8zz`` (a query part without '='). The check that refuses exactly this ("it
+    may be the rest of a password") saw only parts with an '=', so the URL passed `config
+    check`, and `keygate serve`'s start-up line was "cannot reach the store at
+    redis://...?password=***&Wv8zz: AuthenticationError ..." -- the rest of the password."""
+    password = "Kq7&Wv8zz"
+    server, port = password_redis(tmp_path, password)
+    try:
+        problems = []
+        for i, url in enumerate([f"redis://127.0.0.1:{port}/0?password={password}",
+                                 f"redis://127.0.0.1:{port}/0?db=0&password={password}"]):
+            for cmd, code, text in check_and_serve_outputs(tmp_path / f"c{i}", url):
+                if "wv8zz" in text.lower():
+                    problems.append(f"{cmd} (exit {code}) shows the password: {text.strip()}")
+                if code != 1 or "%26" not in text:
+                    problems.append(f"{cmd} (exit {code}) does not refuse it: {text.strip()}")
+        assert not problems, "\n".join(problems)
+    finally:
+        server.kill()
+        server.wait(10)
+
+
 @pytest.fixture(scope="module")
 def snapshot_of_25_mb(tmp_path_factory) -> Path:
     """A dump.rdb of ~25 MB that does not compress: a Redis started on it answers LOADING
