@@ -502,8 +502,14 @@ def parse_standalone_url(url: str) -> StandaloneURL:
         raise ValueError(f"db of the URL must be a database number from 0 to {MAX_DB}, "
                          f"got {db!r}")
     scheme = scheme_of(url)
-    given = {n for n in parse_qs(urlsplit(url).query)}  # the names the query itself gives
+    # The names the query itself gives, every part read (parse_qs, redis-py's reading, drops
+    # a part without '=': ``password=Kq7&Wv8zz`` is the password Kq7&Wv8zz with its '&' not
+    # encoded, which redis-py reads as Kq7; the rest would be shown by every message)
+    pairs = [pair for pair in urlsplit(url).query.split("&") if pair]
+    given = {unquote_plus(pair.partition("=")[0]) for pair in pairs}
     secret = _password_given(given)
+    if secret and any("=" not in pair for pair in pairs):
+        raise _beside_password(scheme)
     known = _standalone_options(scheme == "unix")
     for name in options:
         if secret and name not in known and name not in TLS_OPTIONS \
