@@ -511,6 +511,50 @@ async def test_resp_reconnect_sends_auth_and_select_again(own_redis):
     await client.close()
 
 
+async def silent_server() -> tuple[asyncio.AbstractServer, int]:
+    """A TCP listener that accepts and never says a word (a TLS terminator that hangs, a
+    half-dead node): a TLS handshake to it never completes."""
+    async def hold(reader, writer):
+        await reader.read()
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("query, bound", [("", 0.3), ("&socket_connect_timeout=0.5", 0.5)])
+async def test_store_timeout_bounds_the_per_request_connect_as_it_bounds_the_admin_one(
+        query, bound):
+    """settings: ``store.timeout`` is the "seconds per store call before it counts as down";
+    the admin path's redis-py client is given it as ``socket_connect_timeout`` too. The lean
+    per-request client kept RespClient's default connect timeout of 2.0 s (clients.connect
+    passed only ``timeout``), so with ``store.timeout: 0.3`` a request to a store whose TLS
+    handshake hangs waited 2 s for its 503, ~7x what the operator set. A URL's own
+    ``socket_connect_timeout`` wins, as on the admin path."""
+    from gateway.redis_urls import check_store_url, standalone_client
+    server, port = await silent_server()
+    url = f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none{query}"
+    check_store_url(url)
+    try:
+        admin = standalone_client(url, timeout=0.3, decode_responses=False)
+        started = time.monotonic()
+        with pytest.raises(redis.RedisError):
+            await admin.ping()
+        admin_took = time.monotonic() - started
+        await admin.aclose()
+
+        store = RequestStore(url, timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            await store.ready()
+        lean_took = time.monotonic() - started
+        await store.close()
+        assert admin_took < bound + 0.5, admin_took
+        assert bound - 0.05 <= lean_took < bound + 0.5, (
+            f"per-request connect gave up after {lean_took:.2f} s, admin after "
+            f"{admin_took:.2f} s; store.timeout is 0.3 s, the URL {query or 'gives none'}")
+    finally:
+        server.close()
+
+
 async def test_resp_garbage_from_the_server_fails_calls_cleanly(caplog):
     async def garbage(reader, writer):
         await reader.readuntil(b"\r\n")

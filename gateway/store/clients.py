@@ -96,7 +96,9 @@ class LeanClient(RespClient):
     resends = False
 
     def __init__(self, url: str, *, timeout: float) -> None:
-        super().__init__(url, timeout=timeout)
+        # the store timeout bounds the connect too (the URL's socket_connect_timeout winning),
+        # as on the admin path's redis-py client (redis_urls.standalone_client)
+        super().__init__(url, timeout=timeout, connect_timeout=timeout)
         self._heads: dict[tuple[str, tuple[str, ...], int], bytes] = {}
 
     async def script_load(self, script: Script) -> str:
