@@ -511,6 +511,21 @@ async def test_resp_reconnect_sends_auth_and_select_again(own_redis):
     await client.close()
 
 
+@pytest.mark.parametrize("scheme", ["REDIS", "Redis", "rEdIs"])
+async def test_the_per_request_store_takes_an_upper_case_scheme_as_redis_py_does(redis_url,
+                                                                                  scheme):
+    """``REDIS://`` is ``redis://`` (RFC 3986: schemes are case-insensitive; redis-py and
+    ``check_store_url`` read it so): the per-request store took it for a topology URL."""
+    from gateway.store.clients import LeanClient
+    url = scheme + redis_url[len("redis"):]
+    store = RequestStore(url, timeout=2)
+    try:
+        assert isinstance(store._resp, LeanClient)
+        await store.ready()
+    finally:
+        await store.close()
+
+
 async def silent_server() -> tuple[asyncio.AbstractServer, int]:
     """A TCP listener that accepts and never says a word (a TLS terminator that hangs, a
     half-dead node): a TLS handshake to it never completes."""

@@ -350,6 +350,32 @@ async def test_a_password_redis_py_accepts_is_accepted_by_serve_too(tmp_path, re
         gw.close()
 
 
+@pytest.mark.parametrize("scheme", ["REDIS", "Redis"])
+async def test_an_upper_case_scheme_config_check_passes_is_served_too(tmp_path, redis_url,
+                                                                       scheme):
+    """URL schemes are case-insensitive (RFC 3986 3.1), and redis-py reads ``REDIS://`` as
+    ``redis://``; ``check_store_url`` and the admin path accept it. The per-request client's
+    ``clients.connect`` compared the scheme case-sensitively and handed the URL to the
+    Sentinel/Cluster client, which refused it: `keygate config check` said ok, `keygate serve`
+    refused to start with the same file ("not a Sentinel or Cluster URL (scheme 'redis')")."""
+    from urllib.parse import urlsplit
+    url = f"{scheme}://127.0.0.1:{urlsplit(redis_url).port}/0"
+    config, pport, aport = write_config(tmp_path, redis_url=url)
+    checked = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "gateway", "config", "check", str(config)],
+        capture_output=True, text=True, env=env(), timeout=60)
+    assert checked.returncode == 0, checked
+    gw = Served(config, pport, aport)
+    try:
+        try:
+            await gw.ready(timeout=20)
+        except AssertionError:
+            raise AssertionError("config check passed the file, keygate serve refused it: "
+                                 + gw.stderr().strip().splitlines()[-1]) from None
+    finally:
+        gw.close()
+
+
 def test_a_redis_on_a_unix_socket_refusing_the_password_says_check_the_credentials(tmp_path):
     """The same refusal through `unix:///path?password=...`: redis-py raises it there as a
     plain ConnectionError (its AuthenticationError only as the cause), so the line said

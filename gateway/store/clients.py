@@ -23,6 +23,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..redis_topology import track_writes
+from ..redis_urls import STANDALONE_SCHEMES, scheme_of
 
 from .resp import ClockSkew, RespClient, RespError, _bulk, _bulk_str4, _encode, clock_offset
 from .scripts import Script
@@ -84,7 +85,7 @@ class ScriptClient(Protocol):
 
 def connect(url: str, timeout: float) -> ScriptClient:
     """The client for ``url``; ValueError on a bad URL."""
-    if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+    if scheme_of(url) in STANDALONE_SCHEMES:  # case-insensitive, as redis-py reads it
         return LeanClient(url, timeout=timeout)
     return TopologyClient(url, timeout=timeout)
 
