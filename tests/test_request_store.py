@@ -497,6 +497,50 @@ async def test_resp_logs_in_as_redis_py_does_for_the_same_url(own_redis):
         assert await logs_in(url) == (works, works), url
 
 
+def lean_socket(client: RespClient) -> socket.socket:
+    return client._proto.transport.get_extra_info("socket")
+
+
+def keepalive_of(sock) -> tuple[int, ...]:
+    """SO_KEEPALIVE and, when on, the TCP keepalive settings of ``sock``."""
+    on = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+    tuning = tuple(sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+                   for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")
+                   if hasattr(socket, name)) if on else ()
+    return (int(on), *tuning)
+
+
+@pytest.mark.parametrize("query", ["?socket_keepalive=true", "?socket_keepalive=false", ""])
+async def test_resp_socket_keepalive_of_the_url_is_honoured_as_by_redis_py(own_redis, query):
+    """``?socket_keepalive=true`` (accepted by ``check_store_url``): redis-py sets SO_KEEPALIVE
+    (and its TCP keepalive settings: idle 30 s, probes 5 s apart, 3 of them) on its
+    connections, by default too; the lean per-request client ignored the option and set
+    nothing (SPEC, Store: every part of the gateway, per-request path alike, honours every
+    option), so a Redis gone without a word (a NAT or firewall dropping the connection) was
+    found only by the store timeout of a call."""
+    from gateway.redis_urls import check_store_url, standalone_client
+    url = f"redis://127.0.0.1:{own_redis.port}/0{query}"
+    check_store_url(url)
+    admin = standalone_client(url, timeout=2, decode_responses=False)
+    try:
+        await admin.ping()
+        conn = admin.connection_pool._available_connections[0]
+        by_redis_py = keepalive_of(conn._writer.transport.get_extra_info("socket"))
+    finally:
+        await admin.aclose()
+    assert by_redis_py[0] == (query != "?socket_keepalive=false"), by_redis_py
+    lean = RespClient(url, timeout=2)
+    try:
+        assert await lean.call("PING") == b"PONG"
+        assert keepalive_of(lean_socket(lean)) == by_redis_py, \
+            f"the per-request connection does not honour {query!r} as redis-py does"
+        lean._proto.abort(ConnectionError("gone"))  # and its next connection alike
+        assert await lean.call("PING") == b"PONG"
+        assert keepalive_of(lean_socket(lean)) == by_redis_py
+    finally:
+        await lean.close()
+
+
 async def test_resp_reconnect_sends_auth_and_select_again(own_redis):
     admin = redis.Redis.from_url(own_redis.url)
     admin.config_set("requirepass", "s3cret")

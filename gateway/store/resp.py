@@ -23,15 +23,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import math
+import socket
 import time
 from typing import Any
 
 import hiredis
+from redis.asyncio.connection import Connection
 from redis.utils import check_protocol_version
 
 from ..redis_urls import parse_standalone_url, tls_files_state
 
+
+# redis-py's TCP keepalive (``socket_keepalive``): its default for a URL that does not say, and
+# the TCP settings it gives a connection with it on (idle 30 s, probes 5 s apart, 3 of them)
+KEEPALIVE_DEFAULT = inspect.signature(Connection.__init__).parameters["socket_keepalive"].default
+try:
+    from redis.asyncio.connection import get_default_socket_keepalive_options
+except ImportError:  # a redis-py that sets SO_KEEPALIVE alone
+    get_default_socket_keepalive_options = dict  # type: ignore[assignment]
+KEEPALIVE_OPTIONS: dict[int, int] = get_default_socket_keepalive_options()
 
 # A connection retired after a timeout is read on until the late replies are in (see
 # RespClient._sweep_retired): for at most this many seconds, and at most this many of them.
@@ -370,6 +382,10 @@ class RespClient(ClockSkew):
         self.timeout = target.option_seconds("socket_timeout", timeout)
         self.connect_timeout = target.option_seconds("socket_connect_timeout", connect_timeout)
         self.client_name = target.options.get("client_name")
+        # TCP keepalive as redis-py sets it for this URL (a unix socket has none)
+        keepalive = target.options.get("socket_keepalive")
+        self.keepalive = self.path is None and bool(
+            KEEPALIVE_DEFAULT if keepalive is None else keepalive)
         # whether redis-py logs in with HELLO 3 for this URL (not ``protocol=2``): this client
         # reads RESP2 replies, so it sends the AUTH that HELLO 3 AUTH amounts to
         self._resp3_login = check_protocol_version(target.options.get("protocol"), 3)
@@ -417,6 +433,16 @@ class RespClient(ClockSkew):
         except (OSError, asyncio.TimeoutError) as exc:
             raise not_sent(
                 f"cannot connect to Redis: {exc.__class__.__name__}: {exc}") from exc
+        if self.keepalive:
+            sock = proto.transport.get_extra_info("socket")
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                for option, value in KEEPALIVE_OPTIONS.items():
+                    sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError as exc:  # (as redis-py: the connection is not used)
+                proto.abort(ConnectionError("connection to Redis not set up"))
+                raise not_sent(f"cannot set TCP keepalive on the connection to Redis: "
+                               f"{exc}") from exc
         hello = []
         # redis-py's rule (UsernamePasswordCredentialProvider): a user name alone logs in as
         # that user with an empty password (an ACL user with ``nopass``), not as ``default``
