@@ -801,6 +801,40 @@ def test_serve_preflight_accepts_a_live_sentinel_and_names_a_dead_one(sentinel_g
     assert DATA_PW not in problem
 
 
+def test_a_sentinel_that_knows_no_such_master_is_one_clear_line(sentinel_group) -> None:
+    """``redis+sentinel://.../<master>`` naming a master the Sentinels do not monitor (a typo,
+    another environment's name): one line, naming the master, no password, and advice that
+    fits. It said "start Redis, or point store.redis_url at one this host can reach" to an
+    operator whose Sentinel was running and had answered (``_answered()`` read redis-py's
+    MasterNotFoundError as "nothing answered")."""
+    config = make_config("http://127.0.0.1:9")
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, port=free_port()),
+        admin=dataclasses.replace(config.admin, port=free_port()))
+    url = (f"redis+sentinel://:{DATA_PW}@127.0.0.1:{sentinel_group['sentinel']}/no-such-master"
+           f"/0?sentinel_password={SENTINEL_PW}")
+
+    def preflight(url: str) -> str | None:
+        return _preflight(dataclasses.replace(
+            config, store=dataclasses.replace(config.store, redis_url=url)), url)
+    problem = preflight(url)
+    assert problem is not None and "\n" not in problem
+    assert "no-such-master" in problem, problem
+    assert DATA_PW not in problem and SENTINEL_PW not in problem
+    assert "start Redis" not in problem, problem
+    assert "know no master" in problem and "master name" in problem, problem
+    # a Sentinel that does not answer at all is still "start Redis, or point ..."
+    dead = f"redis+sentinel://127.0.0.1:{free_port()}/no-such-master"
+    problem = preflight(dead)
+    assert problem is not None and "start Redis" in problem, problem
+    # one answering without that master, one not answering: the one that answered said so
+    both = (f"redis+sentinel://:{DATA_PW}@127.0.0.1:{free_port()},"
+            f"127.0.0.1:{sentinel_group['sentinel']}/no-such-master?sentinel_password="
+            f"{SENTINEL_PW}")
+    problem = preflight(both)
+    assert problem is not None and "know no master" in problem, problem
+
+
 def test_serve_preflight_names_refused_sentinel_or_data_credentials_in_one_line(
         sentinel_group) -> None:
     """SPEC: a store that refuses the credentials is a start-up error (one line, no password
