@@ -879,6 +879,82 @@ async def test_cluster_scrape_reads_workspaces_on_every_node_in_chunks(
 
 
 
+async def test_cluster_with_its_first_seed_down_at_start_serves(redis_cluster, upstream,
+                                                               monkeypatch) -> None:
+    """``redis+cluster://seed1,seed2`` with seed1 down when keygate starts (a node being
+    replaced): one reachable seed is enough (redis_urls docstring), on both paths."""
+    from gateway.redis_urls import check_store_url
+    live = redis_cluster["ports"][0]
+    url = f"redis+cluster://:{CLUSTER_PW}@127.0.0.1:{free_port()},127.0.0.1:{live}"
+    check_store_url(url)
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as gut:
+        async with gut.admin.get("/readyz") as r:
+            assert r.status == 200, await r.text()
+        await gut.workspace("acme")
+        token, _ = await gut.key("acme", role="reader")
+        assert await _status(gut, token) == (200, None)
+
+
+async def test_sentinel_db_after_the_master_name_is_used_by_both_paths(sentinel_group, upstream,
+                                                                        monkeypatch) -> None:
+    """``redis+sentinel://.../<master>/3``: the admin path and the per-request path both
+    write to database 3 of the master, none to database 0."""
+    url = (f"redis+sentinel://:{DATA_PW}@127.0.0.1:{sentinel_group['sentinel']}/{MASTER}/3"
+           f"?sentinel_password={SENTINEL_PW}")
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as gut:
+        await gut.workspace("acme")
+        token, _ = await gut.key("acme", role="reader")
+        assert await _status(gut, token) == (200, None)
+        assert await gut.used("acme") == 1  # the per-request path's count, read by the admin
+    master = redis.Redis(port=sentinel_group["master"], password=DATA_PW)
+    try:
+        in_db = {db: master.execute_command("SELECT", db) and master.dbsize() for db in (0, 3)}
+    finally:
+        master.close()
+    assert in_db[0] == 0 and in_db[3] > 0, in_db
+
+
+@pytest.mark.parametrize("query", ["?protocol=2", "?protocol=3&client_name=kg",
+                                   "?socket_timeout=5&socket_connect_timeout=5",
+                                   "?socket_keepalive=true&health_check_interval=1"])
+async def test_every_admin_and_request_operation_works_with_url_options(redis_url, upstream,
+                                                                        monkeypatch, query):
+    """The admin path speaks RESP2 with ``protocol=2`` (redis-py 8 defaults to RESP3), and
+    the per-request path honours the URL's options too: every admin read and write, and a
+    request, work alike."""
+    url = redis_url + query
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as gut:
+        async with gut.admin.get("/readyz") as r:
+            assert r.status == 200
+        await gut.workspace("acme")
+        token, key = await gut.key("acme", role="reader")
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200, await r.text()
+        for method, path, body in [
+                ("GET", "/workspaces", None), ("GET", "/workspaces/acme", None),
+                ("PATCH", "/workspaces/acme", {"name": "Acme 2"}),
+                ("GET", "/workspaces/acme/keys", None),
+                ("GET", f"/workspaces/acme/keys/{key['id']}", None),
+                ("PATCH", f"/workspaces/acme/keys/{key['id']}", {"name": "renamed"}),
+                ("GET", f"/workspaces/acme/keys/{key['id']}/usage/daily", None),
+                ("GET", "/workspaces/acme/usage", None),
+                ("GET", "/workspaces/acme/usage/daily", None),
+                ("PUT", "/workspaces/acme/roles/custom", {"scopes": ["people:read"]}),
+                ("GET", "/workspaces/acme/roles", None),
+                ("DELETE", "/workspaces/acme/roles/custom", None),
+                ("GET", "/workspaces/acme/audit", None),
+                ("POST", f"/workspaces/acme/keys/{key['id']}/rotate", {}),
+                ("POST", f"/workspaces/acme/keys/{key['id']}/revoke", {})]:
+            status, answer = await gut.admin_json(method, path, body)
+            assert status in (200, 201, 204), (method, path, status, answer)
+        assert await gut.used("acme") == 1
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 401
+
+
 def _client_calls_and_connections(port: int, password: str | None) -> tuple[int, int]:
     """(CLIENT commands Redis refused, connections it accepted): this reader's own connection
     makes no SETINFO."""

@@ -930,3 +930,143 @@ async def test_a_request_without_a_monthly_quota_reads_no_month_counter(own_redi
     finally:
         await store.close()
         r.close()
+
+
+# --- both store clients read a URL alike (SPEC, Store: redis-py's URL semantics) ------------
+
+# every character an operator's generated password may hold, percent-encoded in the URL
+HARD_PASSWORD = "p@ss:w/rd#1 x+y%z?&=;"
+HARD_ENCODED = "p%40ss%3Aw%2Frd%231%20x+y%25z%3F%26%3D%3B"
+
+
+def start_redis(tmp_path, *args: str, bind: str = "127.0.0.1"):
+    """A redis-server on ``bind`` with ``args``: (process, port)."""
+    import subprocess
+
+    from conftest import free_port, redis_server_binary
+    for _ in range(3):
+        port = free_port()
+        proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", bind,
+                                 "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+                                 *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        while proc.poll() is None and time.monotonic() < deadline:
+            with socket.socket(family) as probe:
+                if probe.connect_ex((bind, port)) == 0:
+                    return proc, port
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(10)
+    pytest.fail("redis-server did not start")
+
+
+async def both_log_in(url: str) -> tuple[bool, bool]:
+    """(redis-py's asyncio client as the admin path makes it, the lean per-request client):
+    whether each logs in and answers on ``url``."""
+    from gateway.redis_urls import standalone_client
+    admin = standalone_client(url, timeout=2, decode_responses=False)
+    try:
+        by_admin = await admin.ping() is True
+    except redis.RedisError:
+        by_admin = False
+    finally:
+        await admin.aclose()
+    lean = RespClient(url, timeout=2, connect_timeout=2)
+    try:
+        by_lean = await lean.call("PING") == b"PONG"
+    except (ConnectionError, RespError):
+        by_lean = False
+    finally:
+        await lean.close()
+    return by_admin, by_lean
+
+
+async def test_special_character_passwords_log_in_on_both_paths(tmp_path):
+    """A URL whose password was percent-encoded (every reserved character), in the user info
+    and in the query, for the default user and an ACL user with a ':' in its name: both store
+    clients log in with it, and agree everywhere."""
+    from gateway.redis_urls import check_store_url
+    proc, port = start_redis(tmp_path, "--requirepass", HARD_PASSWORD)
+    try:
+        admin = redis.Redis(port=port, password=HARD_PASSWORD)
+        admin.acl_setuser("app:x", enabled=True, passwords=[f"+{HARD_PASSWORD}"],
+                          commands=["+@all"], keys=["*"])
+        admin.acl_setuser("open", enabled=True, nopass=True, commands=["+@all"], keys=["*"])
+        admin.close()
+        base, in_query = f"127.0.0.1:{port}", HARD_ENCODED.replace("+", "%2B")
+        expected = {
+            f"redis://:{HARD_ENCODED}@{base}/0": True,
+            f"redis://default:{HARD_ENCODED}@{base}/0": True,
+            f"redis://app%3Ax:{HARD_ENCODED}@{base}/0": True,
+            f"redis://app%3Ax:{HARD_ENCODED}@{base}/0?protocol=2": True,
+            f"redis://{base}/0?password={in_query}": True,
+            f"redis://open@{base}/0": True,
+            f"redis://open:@{base}/0": True,
+            f"redis://open@{base}/0?protocol=2": True,
+            f"redis://{base}/0?username=open": True,
+            f"redis://{base}/0?username=app%3Ax&password={in_query}&protocol=2": True,
+            f"redis://:{HARD_ENCODED}@{base}/0?protocol=2": True,
+            f"redis://:wrong@{base}/0": False,
+            f"redis://{base}/0": False,
+        }
+        for url in expected:
+            check_store_url(url)
+        got = {url: await both_log_in(url) for url in expected}
+        assert got == {url: (ok, ok) for url, ok in expected.items()}
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def test_ipv6_store_url_works_on_both_paths(tmp_path):
+    """``redis://[::1]:port``: an IPv6 host in brackets, as a cloud provider prints it."""
+    from gateway.redis_urls import check_store_url
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    proc, port = start_redis(tmp_path, "--requirepass", "pw", bind="::1")
+    try:
+        url = f"redis://:pw@[::1]:{port}/2"
+        check_store_url(url)
+        assert await both_log_in(url) == (True, True)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def test_unix_socket_urls_with_db_and_password_agree_on_both_paths(tmp_path):
+    """``unix://`` with the database and the password in the query or in the user info: both
+    store clients read the same database with the same password."""
+    import subprocess
+
+    from conftest import redis_server_binary
+    from gateway.redis_urls import check_store_url, standalone_client
+    sock = f"/tmp/kg-rs-{os.getpid()}-{time.monotonic_ns()}.sock"
+    proc = subprocess.Popen([redis_server_binary(), "--port", "0", "--unixsocket", sock,
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+                             "--requirepass", HARD_PASSWORD],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with redis.Redis(unix_socket_path=sock, password=HARD_PASSWORD, db=5) as marker:
+            marker.set("where", "db5")
+        in_query = HARD_ENCODED.replace("+", "%2B")
+        for url in (f"unix://{sock}?db=5&password={in_query}",
+                    f"unix://:{HARD_ENCODED}@{sock}?db=5",
+                    f"unix://default:{HARD_ENCODED}@{sock}?db=5"):
+            check_store_url(url)
+            admin = standalone_client(url, timeout=2, decode_responses=True)
+            lean = RespClient(url, timeout=2)
+            try:
+                assert (await admin.get("where"), await lean.call("GET", "where")) == \
+                    ("db5", b"db5"), url
+            finally:
+                await admin.aclose()
+                await lean.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
+        with contextlib.suppress(OSError):
+            os.unlink(sock)

@@ -350,6 +350,46 @@ async def test_a_password_redis_py_accepts_is_accepted_by_serve_too(tmp_path, re
         gw.close()
 
 
+WRONG = "Wr0ng@Pa:ss/wo#rd x+y"
+WRONG_ENC = "Wr0ng%40Pa%3Ass%2Fwo%23rd%20x%2By"
+
+
+def test_refused_credentials_never_show_the_password_in_any_output(tmp_path):
+    """SPEC: a store that refuses the credentials is a start-up error (one line, no password
+    in it); `keygate config check` and `keygate serve` never print it, percent-encoded or
+    decoded, whatever part of the URL holds it, and a user that logs in but lacks a
+    permission the per-request script needs is refused the same way."""
+    from concurrent.futures import ThreadPoolExecutor
+    server, port = password_redis(tmp_path, "the-right-one")
+    try:
+        with redis.Redis(port=port, password="the-right-one") as admin:
+            admin.acl_setuser("noscript", enabled=True, passwords=[f"+{WRONG}"],
+                              commands=["+@all", "-@scripting"], keys=["*"])
+        base = f"127.0.0.1:{port}"
+        urls = [f"redis://:{WRONG_ENC}@{base}/0",
+                f"redis://someone:{WRONG_ENC}@{base}/1",
+                f"redis://{base}/0?password={WRONG_ENC}",
+                f"redis://{base}/0?username=default&password={WRONG_ENC}&client_name=kg",
+                f"redis://noscript:{WRONG_ENC}@{base}/0"]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda i_url: (i_url[1], check_and_serve_outputs(
+                tmp_path / f"c{i_url[0]}", i_url[1])), enumerate(urls)))
+        problems = []
+        for url, outs in results:
+            for cmd, code, text in outs:
+                for secret in (WRONG, WRONG_ENC, "Wr0ng", "wo#rd"):
+                    if secret in text:
+                        problems.append(f"{cmd} for {url}: shows {secret!r}: {text.strip()}")
+                if cmd == "serve":
+                    lines = [line for line in text.splitlines() if line.strip()]
+                    if code != 1 or len(lines) != 1 or "Traceback" in text:
+                        problems.append(f"serve for {url}: exit {code}, {text.strip()}")
+        assert not problems, "\n".join(problems)
+    finally:
+        server.kill()
+        server.wait(10)
+
+
 @pytest.mark.parametrize("scheme", ["REDIS", "Redis"])
 async def test_an_upper_case_scheme_config_check_passes_is_served_too(tmp_path, redis_url,
                                                                        scheme):
