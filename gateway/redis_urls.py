@@ -189,7 +189,7 @@ def parse_topology_url(url: str) -> TopologyURL:
     allowed = (_SENTINEL_PARAMS if sentinel else ()) + (TLS_OPTIONS if tls else ())
     # An '@' past the host list: a user name or password with a '/' or '?' in it ended the
     # host list early (see _misplaced_at)
-    if "@" in path or _password_in_query(query, allowed):
+    if "@" in path or _password_in_query(query, allowed + TLS_OPTIONS):
         raise _misplaced_at(scheme, "host list")
     try:
         nodes = tuple(_node(h.strip(), default_port, scheme) for h in hostlist.split(","))
