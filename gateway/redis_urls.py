@@ -94,6 +94,8 @@ class TopologyURL:
     sentinel_username: str | None = None
     sentinel_password: str | None = None
     ssl: dict[str, Any] = field(default_factory=dict)  # TLS options, as redis-py parses them
+    # the query gives a password option: a problem quotes no value beside it (_quiet)
+    quiet: bool = False
 
     def __repr__(self) -> str:  # never print a password by accident
         return (f"TopologyURL({self.kind}, tls={self.tls}, nodes={self.nodes}, "
@@ -151,6 +153,11 @@ def _password_given(names) -> bool:
     return any(unquote_plus(n).endswith("password") for n in names)
 
 
+# what a problem says in place of a value of the URL's query that may be a piece of a password
+# (one given beside a password option whose '&' was not percent-encoded)
+_QUIET = " (not quoted: beside a password option, it may be a piece of the password)"
+
+
 def _beside_password(scheme: str) -> ValueError:
     return ValueError(f"a {scheme}:// URL has a query option it cannot take beside a password "
                       "option (not named: it may be the rest of a password): percent-encode "
@@ -182,7 +189,7 @@ def parse_topology_url(url: str) -> TopologyURL:
     allowed = (_SENTINEL_PARAMS if sentinel else ()) + (TLS_OPTIONS if tls else ())
     # An '@' past the host list: a user name or password with a '/' or '?' in it ended the
     # host list early (see _misplaced_at)
-    if "@" in path or (not at and _password_in_query(query, allowed)):
+    if "@" in path or _password_in_query(query, allowed + TLS_OPTIONS):
         raise _misplaced_at(scheme, "host list")
     try:
         nodes = tuple(_node(h.strip(), default_port, scheme) for h in hostlist.split(","))
@@ -214,7 +221,7 @@ def parse_topology_url(url: str) -> TopologyURL:
         if len(values) > 1:
             raise ValueError(f"a {scheme}:// URL gives {name!r} more than once")
     ssl_options = _parse_tls_options({name: values[0] for name, values in params.items()
-                                      if name in TLS_OPTIONS})
+                                      if name in TLS_OPTIONS}, quote=not secret)
     segments = [unquote(s) for s in path.split("/")] if slash else []
     if segments and segments[-1] == "":
         segments.pop()  # a trailing slash
@@ -223,7 +230,7 @@ def parse_topology_url(url: str) -> TopologyURL:
         if segments not in ([], ["0"]):
             raise ValueError(f"a {scheme}:// URL takes no path (a cluster has database 0 "
                              "only)")
-        return TopologyURL(kind, tls, nodes, username, password, ssl=ssl_options)
+        return TopologyURL(kind, tls, nodes, username, password, ssl=ssl_options, quiet=secret)
     if not segments or not segments[0]:
         raise ValueError(f"a {scheme}:// URL needs the name of the master as its path, e.g. "
                          f"{scheme}://host:26379/mymaster")
@@ -238,7 +245,7 @@ def parse_topology_url(url: str) -> TopologyURL:
     first = {name: values[0] for name, values in params.items()}
     return TopologyURL(kind, tls, nodes, username, password, segments[0], db,
                        first.get("sentinel_username") or None,
-                       first.get("sentinel_password") or None, ssl_options)
+                       first.get("sentinel_password") or None, ssl_options, secret)
 
 
 def _plain_with_tls_options(scheme: str, name: str) -> str:
@@ -249,7 +256,7 @@ def _plain_with_tls_options(scheme: str, name: str) -> str:
             "redis-py refuses ssl_* options on a plain connection)")
 
 
-def _parse_tls_options(given: dict[str, str]) -> dict[str, Any]:
+def _parse_tls_options(given: dict[str, str], *, quote: bool = True) -> dict[str, Any]:
     """The ssl_* query options of a TLS URL, converted as redis-py's ``parse_url`` converts
     them (``URL_QUERY_ARGUMENT_PARSERS``: ``ssl_check_hostname`` a boolean, ``ssl_min_version``
     a number...). A blank value is no value, as in redis-py."""
@@ -261,7 +268,7 @@ def _parse_tls_options(given: dict[str, str]) -> dict[str, Any]:
         try:
             options[name] = parser(value) if parser else value
         except (TypeError, ValueError):
-            shown = "" if name.endswith("password") else f", got {value[:64]!r}"
+            shown = "" if not quote or name.endswith("password") else f", got {value[:64]!r}"
             raise ValueError(f"{name} of the URL is not a valid value{shown}") from None
     return options
 
@@ -276,7 +283,7 @@ def _no_pass_phrase() -> bytes:
     raise _EncryptedKey
 
 
-def tls_context(options: dict[str, Any]) -> Any:
+def tls_context(options: dict[str, Any], *, quote: bool = True) -> Any:
     """The ``ssl.SSLContext`` redis-py's ``SSLConnection`` builds from these ssl_* options (its
     own defaults for the rest: the certificate and the host name verified, the system's CAs and
     ``ssl_ca_certs`` trusted), so the per-request client and redis-py verify alike; building it
@@ -288,10 +295,12 @@ def tls_context(options: dict[str, Any]) -> Any:
     for name in _TLS_FILES:
         path = options.get(name)
         if path and not os.path.isfile(path):
-            raise ValueError(f"{name} of the URL names no readable file ({path})")
+            raise ValueError(f"{name} of the URL names no readable file"
+                             + (f" ({path})" if quote else _QUIET))
     path = options.get("ssl_ca_path")
     if path and not os.path.isdir(path):
-        raise ValueError(f"ssl_ca_path of the URL names no directory ({path})")
+        raise ValueError("ssl_ca_path of the URL names no directory"
+                         + (f" ({path})" if quote else _QUIET))
     # the files first, each on its own, for a message that says which one is wrong
     probe = ssl.create_default_context()
     try:
@@ -315,8 +324,8 @@ def tls_context(options: dict[str, Any]) -> Any:
     try:
         connection = SSLConnection(**{n: v for n, v in options.items() if n in TLS_OPTIONS})
     except _RedisError as exc:  # ssl_cert_reqs
-        raise ValueError(f"ssl_cert_reqs of the URL must be none, optional or required "
-                         f"({exc})") from None
+        raise ValueError("ssl_cert_reqs of the URL must be none, optional or required"
+                         + (f" ({exc})" if quote else _QUIET)) from None
     try:
         return connection.ssl_context.get()
     except (OSError, ssl.SSLError, ValueError, TypeError) as exc:
@@ -343,6 +352,8 @@ class StandaloneURL:
     option (``password`` in the query of a ``unix://`` URL, ``ssl_ca_certs``, ``db``...) means
     the same on the admin path and on the per-request path."""
     options: dict[str, Any]
+    # the query gives a password option: a problem quotes no value beside it (_quiet)
+    quiet: bool = False
 
     @property
     def unix_path(self) -> str | None:
@@ -389,7 +400,7 @@ class StandaloneURL:
     def ssl_context(self) -> Any:
         """The TLS context of a ``rediss://`` URL: the one redis-py's ``SSLConnection`` builds
         from the same options (``tls_context``); None for plain URLs."""
-        return tls_context(self.ssl_options) if self.tls else None
+        return tls_context(self.ssl_options, quote=not self.quiet) if self.tls else None
 
     def __repr__(self) -> str:  # never print a password by accident
         return f"StandaloneURL({self.unix_path or f'{self.host}:{self.port}'}, db={self.db})"
@@ -483,27 +494,40 @@ def _standalone_options(unix: bool = False) -> frozenset[str]:
 def parse_standalone_url(url: str) -> StandaloneURL:
     """Parse a standalone URL exactly as redis-py does. Raises ``ValueError`` (no password in
     the message) on a URL redis-py would refuse."""
+    scheme = scheme_of(url)
+    # The names the query itself gives, every part read (parse_qs, redis-py's reading, drops
+    # a part without '=': ``password=Kq7&Wv8zz`` is the password Kq7&Wv8zz with its '&' not
+    # encoded, which redis-py reads as Kq7; the rest would be shown by every message)
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        query = ""  # (redis-py's parse says what is wrong)
+    pairs = [pair for pair in query.split("&") if pair]
+    given = {unquote_plus(pair.partition("=")[0]) for pair in pairs}
+    secret = _password_given(given)
+    if secret and any("=" not in pair for pair in pairs):
+        raise _beside_password(scheme)
     try:
         options = dict(parse_url(url))
     except ValueError as exc:
         raise ValueError(str(exc).replace(url, redact(url))) from None
     if options.get("connection_class") is UnixDomainSocketConnection and not options.get("path"):
         raise ValueError("a unix:// URL needs a socket path, e.g. unix:///run/redis.sock")
+
+    def got(value: Any) -> str:  # beside a password option, a value may be a piece of it
+        return _QUIET if secret else f", got {value!r}"
     for name in ("socket_timeout", "socket_connect_timeout"):
         value = options.get(name)
         if value is not None and not 0 < value < math.inf:  # nan compares false
-            raise ValueError(f"{name} of the URL must be a number of seconds above 0, "
-                             f"got {value!r}")
+            raise ValueError(f"{name} of the URL must be a number of seconds above 0"
+                             + got(value))
     protocol = options.get("protocol")
     if protocol is not None and protocol not in (2, 3):
-        raise ValueError(f"protocol of the URL must be 2 or 3 (RESP2 or RESP3), got {protocol!r}")
+        raise ValueError("protocol of the URL must be 2 or 3 (RESP2 or RESP3)" + got(protocol))
     db = options.get("db")
     if db is not None and not 0 <= db <= MAX_DB:  # Redis's SELECT refuses any other
-        raise ValueError(f"db of the URL must be a database number from 0 to {MAX_DB}, "
-                         f"got {db!r}")
-    scheme = scheme_of(url)
-    given = {n for n in parse_qs(urlsplit(url).query)}  # the names the query itself gives
-    secret = _password_given(given)
+        raise ValueError(f"db of the URL must be a database number from 0 to {MAX_DB}"
+                         + got(db))
     known = _standalone_options(scheme == "unix")
     for name in options:
         if secret and name not in known and name not in TLS_OPTIONS \
@@ -529,7 +553,7 @@ def parse_standalone_url(url: str) -> StandaloneURL:
         if name not in TLS_OPTIONS:
             raise ValueError(f"a rediss:// URL has an unknown TLS option {name!r} (redis-py's "
                              f"TLS connection takes {', '.join(TLS_OPTIONS)})")
-    return StandaloneURL(options)
+    return StandaloneURL(options, secret)
 
 
 def check_store_url(url: str) -> None:
@@ -539,7 +563,7 @@ def check_store_url(url: str) -> None:
     if scheme in TOPOLOGY_SCHEMES:
         target = parse_topology_url(url)
         if target.tls:
-            tls_context(target.ssl)  # the files it names are there and usable
+            tls_context(target.ssl, quote=not target.quiet)  # the files it names are usable
         return
     if scheme not in STORE_SCHEMES:
         raise ValueError("must be embedded or a URL with scheme "
@@ -556,9 +580,10 @@ def check_store_url(url: str) -> None:
     if "#" in url:
         raise ValueError(f"a {scheme}:// URL cannot have a # fragment (redis-py ignores "
                          "it): percent-encode a # in its user name or password as %23")
-    if "@" in parts.path or (
-            parts.username is None and parts.password is None and _password_in_query(
-                parts.query, _standalone_options(scheme == "unix") | set(TLS_OPTIONS))):
+    # (with user info before it too: ``redis://u:Kq@Zt9?Wv8@host/0`` is password Kq@Zt9?Wv8,
+    # which redis-py reads as password Kq and host zt9)
+    if "@" in parts.path or _password_in_query(
+            parts.query, _standalone_options(scheme == "unix") | set(TLS_OPTIONS)):
         raise _misplaced_at(scheme, "host")
     if scheme == "unix":
         if not parts.path:
@@ -669,16 +694,47 @@ def redact(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
+    end = _userinfo_end(rest)
+    userinfo, at = (rest[:end], "@") if end >= 0 else ("", "")
+    rest = rest[end + 1:]
     rest, q, query = rest.partition("?")
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
+    hosts, slash, path = rest.partition("/")
+    if any(c in userinfo for c in "/?#@"):  # a user info with unencoded characters: all of
+        userinfo = "***"                     # it may be password (the user name too)
+    elif at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
     if query:  # a name as the query is read: percent-decoded (pass%77ord is the password)
         query = "&".join(p.split("=", 1)[0] + "=***"
                          if unquote_plus(p.split("=", 1)[0]).endswith("password")
                          else p for p in query.split("&"))
     return f"{scheme}://{userinfo}{at}{hosts}{slash}{path}{q}{query}"
+
+
+def _known_option(name: str) -> bool:
+    """Whether ``name`` (as written in a query) is an option some store URL takes."""
+    name = unquote_plus(name)
+    return (name.endswith("password") or name in _SENTINEL_PARAMS or name in TLS_OPTIONS
+            or name in _standalone_options(False) or name in _standalone_options(True))
+
+
+def _userinfo_end(rest: str) -> int:
+    """Where the user info of a URL (what follows ``scheme://``) ends: the index of its '@',
+    -1 when it has none. That is the last '@' that is not inside the value of a query option
+    (``?password=p@ss``): a user info whose password has an unencoded '/', '?' or '#' runs
+    past where a parser ends the host (``Kq@Zt9?Wv8@host``), and all of it is masked."""
+    end = rest.rfind("@")
+    while end >= 0:
+        before = rest[:end]
+        if before.startswith("/"):  # no host, a socket path (unix:///run/a@b.sock)
+            return -1
+        cut = max(before.rfind("?"), before.rfind("&"))
+        if cut < 0:
+            return end
+        name, eq, _ = before[cut + 1:].partition("=")
+        if not (eq and _known_option(name)):
+            return end
+        end = rest.rfind("@", 0, cut)  # inside an option's value: the one before
+    return -1
 
 
 def _given(**credentials: str | None) -> dict[str, str]:

@@ -37,13 +37,14 @@ T = TypeVar("T")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
 
-def store_hint(problem: str, config: Config, reached: bool) -> str:
+def store_hint(problem: str, config: Config, reached: bool, check: str | None = None) -> str:
     """``problem`` (the store failed at start-up) followed by what the operator should do and
     where the URL comes from: ``store.redis_url`` at its line of the file, and the environment
     variable it names (the container config's ``${KEYGATE_REDIS_URL:-embedded}``).
     ``reached``: whether Redis answered at all (else: not running, or not reachable). The
     embedded store has no credentials, database or TLS options, nor a Redis to start: its
-    hint names ``store.data_dir``, where its files are."""
+    hint names ``store.data_dir``, where its files are. ``check``: what in the URL to check
+    when Redis answered (its credentials, database and TLS options by default)."""
     problem = problem.rstrip(". ")
     if config.store.redis_url == "embedded":
         return _embedded_hint(problem, config)
@@ -58,7 +59,7 @@ def store_hint(problem: str, config: Config, reached: bool) -> str:
     if not reached:
         return (f"{problem}; start Redis, or point {setting} at one this host can reach "
                 "(keygate does not serve without its store)")
-    return f"{problem}; check {setting}: its credentials, database and TLS options"
+    return f"{problem}; check {setting}: {check or 'its credentials, database and TLS options'}"
 
 
 # What an embedded store that cannot write its AOF says (redis's MISCONF, with the errno's text)
@@ -78,6 +79,49 @@ def _embedded_hint(problem: str, config: Config) -> str:
                 "writable (or choose another store.data_dir), then start keygate again")
     return (f"{problem}; see the embedded store's log, {str(data_dir / LOGFILE_NAME)!r} "
             "(in store.data_dir)")
+
+
+# what to check when the Sentinels answered and know no master of the URL's name
+_MASTER_NAME = ("the master name after its Sentinels (each Sentinel's `SENTINEL MASTERS` lists "
+                "the names it monitors)")
+
+
+async def _ping_failure(store: Any, store_url: str,
+                        problem: str) -> tuple[str, bool, str | None]:
+    """The start-up line's problem for a failed PING (``ping_problem``), whether Redis
+    answered (``store_hint``'s ``reached``) and what to check. redis-py's MasterNotFoundError
+    says the same when no Sentinel answered and when they answered without a master of that
+    name: the Sentinels are asked which (a typo, another environment's name is no Redis to
+    start)."""
+    service = await _unknown_master(store, problem)
+    if service is not None:
+        return (f"cannot use the store at {redact(store_url)}: the Sentinels answered and know "
+                f"no master named {service!r}", True, _MASTER_NAME)
+    return f"cannot reach the store at {redact(store_url)}: {problem}", _answered(problem), None
+
+
+async def _unknown_master(store: Any, problem: str) -> str | None:
+    """The master name of a Sentinel URL when ``problem`` is redis-py's "No master found" and
+    a Sentinel answered without that name among its masters (one naming it, or none answering:
+    None)."""
+    if not problem.startswith("MasterNotFoundError"):
+        return None
+    client = getattr(store, "redis", None)
+    sentinel = getattr(client, "_sentinel", None)
+    service = getattr(getattr(client, "connection_pool", None), "service_name", None)
+    if sentinel is None or not service:
+        return None
+    answered = False
+    for each in sentinel.sentinels:
+        try:
+            masters = await each.sentinel_masters()
+        except Exception:  # noqa: BLE001 - down, refused: it did not answer
+            continue
+        names = {n.decode() if isinstance(n, bytes) else n for n in masters}
+        if service in names:
+            return None  # known there (but taken for down): not this case
+        answered = True
+    return service if answered else None
 
 
 def _answered(problem: str) -> bool:
@@ -147,14 +191,14 @@ async def _serve(config: Config, store_url: str, reuse_port: bool,
 
 
 def _store_failed_at_start(problem: str, config: Config, reached: bool,
-                           stop: asyncio.Event) -> int:
+                           stop: asyncio.Event, check: str | None = None) -> int:
     """A start-up check of the store failed: one line and exit 1, unless a stop came while it
     ran. `systemctl stop` signals the whole service at once, its Redis too: the check then
     fails on the Redis going away, and the start the stop interrupted ends as a stop (0)."""
     if stop.is_set():
         log.info("stopped while starting (the store's start-up check did not finish)")
         return 0
-    _say(store_hint(problem, config, reached))
+    _say(store_hint(problem, config, reached, check))
     return 1
 
 
@@ -165,9 +209,8 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
     cancel this; from then on the stop is this function's own: listen, then drain)."""
     async with running_gateway(config, store_url, config_path=config_path) as gw:
         if problem := await gw.store.ping_problem():
-            return _store_failed_at_start(f"cannot reach the store at "
-                                          f"{redact(store_url)}: {problem}", config,
-                                          _answered(problem), stop)
+            line, reached, check = await _ping_failure(gw.store, store_url, problem)
+            return _store_failed_at_start(line, config, reached, stop, check)
         try:  # the per-request path's own connection (its credentials, its permissions)
             await gw.requests.ready()
         except StoreError as exc:
@@ -406,8 +449,8 @@ def _preflight(config: Config, store_url: str) -> str | None:
                               f"{exc}", config, True)
         try:
             if problem := await store.ping_problem():
-                return store_hint(f"cannot reach the store at {redact(store_url)}: {problem}",
-                                  config, _answered(problem))
+                line, reached, check = await _ping_failure(store, store_url, problem)
+                return store_hint(line, config, reached, check)
             await requests.ready()
         except StoreError as exc:
             return store_hint(f"cannot use the store at {redact(store_url)}: {exc}", config, True)

@@ -222,6 +222,97 @@ def test_redact_masks_both_passwords() -> None:
     assert shown.startswith("redis+sentinel://app:***@s1,s2/m?")
 
 
+@pytest.mark.parametrize("url, shown", [
+    ("redis://default:Kq@Zt9?Wv8@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+    ("redis://:Kq@Zt9?Wv8@h:6379/0?db=1", "redis://***@h:6379/0?db=1"),
+    ("redis://u:Kq@Zt9?Wv8=x@h:6379/0", "redis://***@h:6379/0"),
+    ("redis://:2024/Kq/Zt9Wv8@h/0", "redis://***@h/0"),
+    ("redis+sentinel://:Kq@Zt9?Wv8=1@s1:26379/m", "redis+sentinel://***@s1:26379/m"),
+    ("redis://u:Kq?Zt9Wv8@h/0?password=p@ss", "redis://***@h/0?password=***"),
+    ("redis://h:1/0?password=p@ss&client_name=a@b", "redis://h:1/0?password=***&client_name=a@b"),
+    ("unix:///run/a@b.sock?password=p@ss", "unix:///run/a@b.sock?password=***"),
+    ("redis://app:Kq@h/0", "redis://app:***@h/0"),
+])
+def test_redact_masks_all_of_a_user_info_whose_password_was_not_percent_encoded(
+        url: str, shown: str) -> None:
+    """A password with an unencoded '@' then '?' (or '/'): redact masked only up to the first
+    '@' of the host part, and the start-up line showed 'redis://default:***@Zt9?Wv8@...'.
+    The user info runs to the last '@' that is not inside a query option's value, all of it
+    masked when it holds a character a user info cannot."""
+    assert redact(url) == shown
+    assert "Zt9" not in redact(url) and "Wv8" not in redact(url)
+
+
+def test_a_password_with_an_unencoded_at_then_question_mark_is_refused_at_load(
+        tmp_path: Path) -> None:
+    """``redis://default:Kq@Zt9?Wv8@host/0``: the misplaced '@' was looked for only in URLs
+    with no user info before it, so redis-py's reading (password Kq, host zt9) was taken.
+    Refused, saying to percent-encode '@', quoting nothing of the URL past its scheme."""
+    from gateway.redis_urls import check_store_url
+    for url in ("redis://default:Kq@Zt9?Wv8@127.0.0.1:6379/0", "redis://:Kq@Zt9?Wv8@h/0",
+                "rediss://:Kq@Zt9?Wv8@h:6380/0", "unix://:Kq@Zt9?Wv8@/run/r.sock",
+                "redis+sentinel://:Kq@Zt9?Wv8@s1:26379/m",
+                "redis+cluster://:Kq@Zt9?Wv8@n1:7000"):
+        with pytest.raises(ValueError) as refused:
+            check_store_url(url)
+        said = str(refused.value)
+        assert "%40" in said and "Zt9" not in said and "Wv8" not in said, said
+        assert "127.0.0.1" not in said and "Kq" not in said, said
+    check_store_url("redis://app:pw@127.0.0.1:6379/0?client_name=a@b")  # an '@' in a value
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379/0?password=Kq7&Wv8zz",
+    "redis://127.0.0.1:6379/0?db=0&password=Kq7&Wv8zz",
+    "unix:///run/r.sock?password=Kq7&Wv8zz&db=1",
+    "rediss://h?ssl_password=Kq7&Wv8zz&ssl_cert_reqs=none",
+    "redis+sentinel://s1/m?sentinel_password=Kq7&Wv8zz",
+])
+def test_a_query_password_with_an_unencoded_ampersand_is_refused_at_load(url: str) -> None:
+    """``?password=Kq7&Wv8zz``: redis-py's parse_qs drops a part without '=', so the check
+    for a name beside a password that may be the rest of it never saw ``Wv8zz``; the URL was
+    taken (password Kq7) and serve's start-up line showed ``password=***&Wv8zz``. The query is
+    read part by part, as a topology URL's is."""
+    from gateway.redis_urls import check_store_url
+    with pytest.raises(ValueError) as refused:
+        check_store_url(url)
+    said = str(refused.value)
+    assert "%26" in said and "Wv8" not in said and "Kq7" not in said, said
+
+
+@pytest.mark.parametrize("url", [
+    "redis://u:Kq@Zt9?Wv8=x@h:6379/0",                    # password Kq@Zt9?Wv8=x
+    "redis+sentinel://:Kq@Zt9?Wv8=1@s1:26379/mymaster",  # password Kq@Zt9?Wv8=1
+    "redis+cluster://u:Kq@Zt9?Wv8=1@n1:7000",            # password Kq@Zt9?Wv8=1
+    "redis://h:6379/0?password=Kq7&Wv8zz",               # password Kq7&Wv8zz
+    "redis://h:6379/0?password=Kq7&Wv8=zz",              # password Kq7&Wv8=zz
+    "rediss://h?ssl_password=Kq7&Wv8zz&ssl_cert_reqs=none",
+    "rediss://h?ssl_password=Kq7&Wv8=1&ssl_cert_reqs=none",
+    "redis+sentinel://s1/m?sentinel_password=Kq7&Wv8=zz",
+    "unix://:Kq@Zt9?Wv8=1@/run/r.sock",
+    "redis://:Kq/Wv8=1@h/0",
+    "redis://:Kq#Wv8@h/0",
+    # a value beside a password option may be the rest of it (Kq&ssl_cert_reqs=Wv8)
+    "rediss://h?ssl_password=Kq&ssl_cert_reqs=Wv8",
+    "rediss://h?password=Kq&ssl_ca_certs=/Wv8",
+    "rediss+sentinel://s1/m?sentinel_password=Kq&ssl_min_version=Wv8",
+    "rediss+sentinel://s1/m?sentinel_password=Kq&ssl_ca_certs=/Wv8",
+])
+def test_config_load_never_quotes_a_piece_of_an_unencoded_password(tmp_path: Path,
+                                                                    url: str) -> None:
+    """The config problem for a URL whose password was pasted unencoded must not quote a
+    piece of it ("unknown query parameter 'Wv8'"), and a URL accepted must not have the
+    piece printed by ``redact`` (every start-up line naming the store shows it)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"store:\n  redis_url: '{url}'\n")
+    try:
+        load_config(path)
+    except ConfigError as bad:
+        assert "Wv8" not in str(bad) and "Zt9" not in str(bad), str(bad)
+    else:
+        assert "Wv8" not in redact(url), f"every start-up line shows {redact(url)}"
+
+
 @pytest.mark.parametrize("url", [
     "unix:///run/none.sock?db=1&pass%77ord=hunter2",
     "redis://127.0.0.1:1/0?%70assword=hunter2",
@@ -710,6 +801,40 @@ def test_serve_preflight_accepts_a_live_sentinel_and_names_a_dead_one(sentinel_g
     assert DATA_PW not in problem
 
 
+def test_a_sentinel_that_knows_no_such_master_is_one_clear_line(sentinel_group) -> None:
+    """``redis+sentinel://.../<master>`` naming a master the Sentinels do not monitor (a typo,
+    another environment's name): one line, naming the master, no password, and advice that
+    fits. It said "start Redis, or point store.redis_url at one this host can reach" to an
+    operator whose Sentinel was running and had answered (``_answered()`` read redis-py's
+    MasterNotFoundError as "nothing answered")."""
+    config = make_config("http://127.0.0.1:9")
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, port=free_port()),
+        admin=dataclasses.replace(config.admin, port=free_port()))
+    url = (f"redis+sentinel://:{DATA_PW}@127.0.0.1:{sentinel_group['sentinel']}/no-such-master"
+           f"/0?sentinel_password={SENTINEL_PW}")
+
+    def preflight(url: str) -> str | None:
+        return _preflight(dataclasses.replace(
+            config, store=dataclasses.replace(config.store, redis_url=url)), url)
+    problem = preflight(url)
+    assert problem is not None and "\n" not in problem
+    assert "no-such-master" in problem, problem
+    assert DATA_PW not in problem and SENTINEL_PW not in problem
+    assert "start Redis" not in problem, problem
+    assert "know no master" in problem and "master name" in problem, problem
+    # a Sentinel that does not answer at all is still "start Redis, or point ..."
+    dead = f"redis+sentinel://127.0.0.1:{free_port()}/no-such-master"
+    problem = preflight(dead)
+    assert problem is not None and "start Redis" in problem, problem
+    # one answering without that master, one not answering: the one that answered said so
+    both = (f"redis+sentinel://:{DATA_PW}@127.0.0.1:{free_port()},"
+            f"127.0.0.1:{sentinel_group['sentinel']}/no-such-master?sentinel_password="
+            f"{SENTINEL_PW}")
+    problem = preflight(both)
+    assert problem is not None and "know no master" in problem, problem
+
+
 def test_serve_preflight_names_refused_sentinel_or_data_credentials_in_one_line(
         sentinel_group) -> None:
     """SPEC: a store that refuses the credentials is a start-up error (one line, no password
@@ -752,6 +877,82 @@ async def test_cluster_scrape_reads_workspaces_on_every_node_in_chunks(
     finally:
         client.close()
 
+
+
+async def test_cluster_with_its_first_seed_down_at_start_serves(redis_cluster, upstream,
+                                                               monkeypatch) -> None:
+    """``redis+cluster://seed1,seed2`` with seed1 down when keygate starts (a node being
+    replaced): one reachable seed is enough (redis_urls docstring), on both paths."""
+    from gateway.redis_urls import check_store_url
+    live = redis_cluster["ports"][0]
+    url = f"redis+cluster://:{CLUSTER_PW}@127.0.0.1:{free_port()},127.0.0.1:{live}"
+    check_store_url(url)
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as gut:
+        async with gut.admin.get("/readyz") as r:
+            assert r.status == 200, await r.text()
+        await gut.workspace("acme")
+        token, _ = await gut.key("acme", role="reader")
+        assert await _status(gut, token) == (200, None)
+
+
+async def test_sentinel_db_after_the_master_name_is_used_by_both_paths(sentinel_group, upstream,
+                                                                        monkeypatch) -> None:
+    """``redis+sentinel://.../<master>/3``: the admin path and the per-request path both
+    write to database 3 of the master, none to database 0."""
+    url = (f"redis+sentinel://:{DATA_PW}@127.0.0.1:{sentinel_group['sentinel']}/{MASTER}/3"
+           f"?sentinel_password={SENTINEL_PW}")
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as gut:
+        await gut.workspace("acme")
+        token, _ = await gut.key("acme", role="reader")
+        assert await _status(gut, token) == (200, None)
+        assert await gut.used("acme") == 1  # the per-request path's count, read by the admin
+    master = redis.Redis(port=sentinel_group["master"], password=DATA_PW)
+    try:
+        in_db = {db: master.execute_command("SELECT", db) and master.dbsize() for db in (0, 3)}
+    finally:
+        master.close()
+    assert in_db[0] == 0 and in_db[3] > 0, in_db
+
+
+@pytest.mark.parametrize("query", ["?protocol=2", "?protocol=3&client_name=kg",
+                                   "?socket_timeout=5&socket_connect_timeout=5",
+                                   "?socket_keepalive=true&health_check_interval=1"])
+async def test_every_admin_and_request_operation_works_with_url_options(redis_url, upstream,
+                                                                        monkeypatch, query):
+    """The admin path speaks RESP2 with ``protocol=2`` (redis-py 8 defaults to RESP3), and
+    the per-request path honours the URL's options too: every admin read and write, and a
+    request, work alike."""
+    url = redis_url + query
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as gut:
+        async with gut.admin.get("/readyz") as r:
+            assert r.status == 200
+        await gut.workspace("acme")
+        token, key = await gut.key("acme", role="reader")
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200, await r.text()
+        for method, path, body in [
+                ("GET", "/workspaces", None), ("GET", "/workspaces/acme", None),
+                ("PATCH", "/workspaces/acme", {"name": "Acme 2"}),
+                ("GET", "/workspaces/acme/keys", None),
+                ("GET", f"/workspaces/acme/keys/{key['id']}", None),
+                ("PATCH", f"/workspaces/acme/keys/{key['id']}", {"name": "renamed"}),
+                ("GET", f"/workspaces/acme/keys/{key['id']}/usage/daily", None),
+                ("GET", "/workspaces/acme/usage", None),
+                ("GET", "/workspaces/acme/usage/daily", None),
+                ("PUT", "/workspaces/acme/roles/custom", {"scopes": ["people:read"]}),
+                ("GET", "/workspaces/acme/roles", None),
+                ("DELETE", "/workspaces/acme/roles/custom", None),
+                ("GET", "/workspaces/acme/audit", None),
+                ("POST", f"/workspaces/acme/keys/{key['id']}/rotate", {}),
+                ("POST", f"/workspaces/acme/keys/{key['id']}/revoke", {})]:
+            status, answer = await gut.admin_json(method, path, body)
+            assert status in (200, 201, 204), (method, path, status, answer)
+        assert await gut.used("acme") == 1
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 401
 
 
 def _client_calls_and_connections(port: int, password: str | None) -> tuple[int, int]:

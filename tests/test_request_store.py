@@ -497,6 +497,111 @@ async def test_resp_logs_in_as_redis_py_does_for_the_same_url(own_redis):
         assert await logs_in(url) == (works, works), url
 
 
+def lean_socket(client: RespClient) -> socket.socket:
+    return client._proto.transport.get_extra_info("socket")
+
+
+def keepalive_of(sock) -> tuple[int, ...]:
+    """SO_KEEPALIVE and, when on, the TCP keepalive settings of ``sock``."""
+    on = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+    tuning = tuple(sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+                   for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")
+                   if hasattr(socket, name)) if on else ()
+    return (int(on), *tuning)
+
+
+@pytest.mark.parametrize("query", ["?socket_keepalive=true", "?socket_keepalive=false", ""])
+async def test_resp_socket_keepalive_of_the_url_is_honoured_as_by_redis_py(own_redis, query):
+    """``?socket_keepalive=true`` (accepted by ``check_store_url``): redis-py sets SO_KEEPALIVE
+    (and its TCP keepalive settings: idle 30 s, probes 5 s apart, 3 of them) on its
+    connections, by default too; the lean per-request client ignored the option and set
+    nothing (SPEC, Store: every part of the gateway, per-request path alike, honours every
+    option), so a Redis gone without a word (a NAT or firewall dropping the connection) was
+    found only by the store timeout of a call."""
+    from gateway.redis_urls import check_store_url, standalone_client
+    url = f"redis://127.0.0.1:{own_redis.port}/0{query}"
+    check_store_url(url)
+    admin = standalone_client(url, timeout=2, decode_responses=False)
+    try:
+        await admin.ping()
+        conn = admin.connection_pool._available_connections[0]
+        by_redis_py = keepalive_of(conn._writer.transport.get_extra_info("socket"))
+    finally:
+        await admin.aclose()
+    assert by_redis_py[0] == (query != "?socket_keepalive=false"), by_redis_py
+    lean = RespClient(url, timeout=2)
+    try:
+        assert await lean.call("PING") == b"PONG"
+        assert keepalive_of(lean_socket(lean)) == by_redis_py, \
+            f"the per-request connection does not honour {query!r} as redis-py does"
+        lean._proto.abort(ConnectionError("gone"))  # and its next connection alike
+        assert await lean.call("PING") == b"PONG"
+        assert keepalive_of(lean_socket(lean)) == by_redis_py
+    finally:
+        await lean.close()
+
+
+def pings(port: int) -> int:
+    """PINGs Redis ran since the last asking (its counters reset)."""
+    with redis.Redis(port=port) as asker:
+        stats = asker.info("commandstats")
+        asker.config_resetstat()
+    return int(stats.get("cmdstat_ping", {}).get("calls", 0))
+
+
+async def test_resp_health_check_interval_of_the_url_is_honoured_as_by_redis_py(own_redis):
+    """``?health_check_interval=1`` (accepted at load): redis-py checks a connection idle for
+    longer than that with a PING before using it, and makes a new one if the PING fails. The
+    lean per-request client took the option without a word and never did."""
+    from gateway.redis_urls import check_store_url, standalone_client
+    port = own_redis.port
+    url = f"redis://127.0.0.1:{port}/0?health_check_interval=1"
+    check_store_url(url)
+    admin = standalone_client(url, timeout=2, decode_responses=False)
+    lean = RespClient(url, timeout=2)
+    try:
+        await admin.get("x")
+        await lean.call("GET", "x")
+        pings(port)
+        await admin.get("x")
+        await lean.call("GET", "x")
+        assert pings(port) == 0  # not idle: no check
+        await asyncio.sleep(1.3)
+        await admin.get("x")
+        assert pings(port) == 1  # redis-py: the idle connection checked first
+        first = lean._proto
+        assert await asyncio.gather(lean.call("GET", "x"), lean.call("GET", "x"),
+                                    lean.call_encoded(b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n")) \
+            == [None, None, None]
+        assert pings(port) == 1, "the per-request client does not check an idle connection"
+        assert lean._proto is first
+        # a connection that died while idle, unseen (a NAT or firewall dropping it): the PING
+        # fails (here: times out), and the call goes on a new connection
+        await asyncio.sleep(1.3)
+        lean.timeout = 0.3
+        lean._proto.transport.pause_reading()  # nothing it is sent is answered any more
+        assert await lean.call("SET", "x", "1") == b"OK"
+        assert lean._proto is not first
+        assert redis.Redis(port=port).get("x") == b"1"
+    finally:
+        await admin.aclose()
+        await lean.close()
+
+
+async def test_resp_without_health_check_interval_sends_no_ping(own_redis):
+    port = own_redis.port
+    lean = RespClient(f"redis://127.0.0.1:{port}/0", timeout=2)
+    try:
+        await lean.call("GET", "x")
+        pings(port)
+        await asyncio.sleep(1.2)
+        await lean.call("GET", "x")
+        assert pings(port) == 0
+        assert "call" not in vars(lean)  # the hot path is the plain one
+    finally:
+        await lean.close()
+
+
 async def test_resp_reconnect_sends_auth_and_select_again(own_redis):
     admin = redis.Redis.from_url(own_redis.url)
     admin.config_set("requirepass", "s3cret")
@@ -509,6 +614,65 @@ async def test_resp_reconnect_sends_auth_and_select_again(own_redis):
     assert client._proto is None           # the loss was noticed
     assert await client.call("GET", "where") == b"db3"   # reconnected: AUTH, SELECT 3
     await client.close()
+
+
+@pytest.mark.parametrize("scheme", ["REDIS", "Redis", "rEdIs"])
+async def test_the_per_request_store_takes_an_upper_case_scheme_as_redis_py_does(redis_url,
+                                                                                  scheme):
+    """``REDIS://`` is ``redis://`` (RFC 3986: schemes are case-insensitive; redis-py and
+    ``check_store_url`` read it so): the per-request store took it for a topology URL."""
+    from gateway.store.clients import LeanClient
+    url = scheme + redis_url[len("redis"):]
+    store = RequestStore(url, timeout=2)
+    try:
+        assert isinstance(store._resp, LeanClient)
+        await store.ready()
+    finally:
+        await store.close()
+
+
+async def silent_server() -> tuple[asyncio.AbstractServer, int]:
+    """A TCP listener that accepts and never says a word (a TLS terminator that hangs, a
+    half-dead node): a TLS handshake to it never completes."""
+    async def hold(reader, writer):
+        await reader.read()
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("query, bound", [("", 0.3), ("&socket_connect_timeout=0.5", 0.5)])
+async def test_store_timeout_bounds_the_per_request_connect_as_it_bounds_the_admin_one(
+        query, bound):
+    """settings: ``store.timeout`` is the "seconds per store call before it counts as down";
+    the admin path's redis-py client is given it as ``socket_connect_timeout`` too. The lean
+    per-request client kept RespClient's default connect timeout of 2.0 s (clients.connect
+    passed only ``timeout``), so with ``store.timeout: 0.3`` a request to a store whose TLS
+    handshake hangs waited 2 s for its 503, ~7x what the operator set. A URL's own
+    ``socket_connect_timeout`` wins, as on the admin path."""
+    from gateway.redis_urls import check_store_url, standalone_client
+    server, port = await silent_server()
+    url = f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none{query}"
+    check_store_url(url)
+    try:
+        admin = standalone_client(url, timeout=0.3, decode_responses=False)
+        started = time.monotonic()
+        with pytest.raises(redis.RedisError):
+            await admin.ping()
+        admin_took = time.monotonic() - started
+        await admin.aclose()
+
+        store = RequestStore(url, timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            await store.ready()
+        lean_took = time.monotonic() - started
+        await store.close()
+        assert admin_took < bound + 0.5, admin_took
+        assert bound - 0.05 <= lean_took < bound + 0.5, (
+            f"per-request connect gave up after {lean_took:.2f} s, admin after "
+            f"{admin_took:.2f} s; store.timeout is 0.3 s, the URL {query or 'gives none'}")
+    finally:
+        server.close()
 
 
 async def test_resp_garbage_from_the_server_fails_calls_cleanly(caplog):
@@ -766,3 +930,143 @@ async def test_a_request_without_a_monthly_quota_reads_no_month_counter(own_redi
     finally:
         await store.close()
         r.close()
+
+
+# --- both store clients read a URL alike (SPEC, Store: redis-py's URL semantics) ------------
+
+# every character an operator's generated password may hold, percent-encoded in the URL
+HARD_PASSWORD = "p@ss:w/rd#1 x+y%z?&=;"
+HARD_ENCODED = "p%40ss%3Aw%2Frd%231%20x+y%25z%3F%26%3D%3B"
+
+
+def start_redis(tmp_path, *args: str, bind: str = "127.0.0.1"):
+    """A redis-server on ``bind`` with ``args``: (process, port)."""
+    import subprocess
+
+    from conftest import free_port, redis_server_binary
+    for _ in range(3):
+        port = free_port()
+        proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", bind,
+                                 "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+                                 *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        while proc.poll() is None and time.monotonic() < deadline:
+            with socket.socket(family) as probe:
+                if probe.connect_ex((bind, port)) == 0:
+                    return proc, port
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(10)
+    pytest.fail("redis-server did not start")
+
+
+async def both_log_in(url: str) -> tuple[bool, bool]:
+    """(redis-py's asyncio client as the admin path makes it, the lean per-request client):
+    whether each logs in and answers on ``url``."""
+    from gateway.redis_urls import standalone_client
+    admin = standalone_client(url, timeout=2, decode_responses=False)
+    try:
+        by_admin = await admin.ping() is True
+    except redis.RedisError:
+        by_admin = False
+    finally:
+        await admin.aclose()
+    lean = RespClient(url, timeout=2, connect_timeout=2)
+    try:
+        by_lean = await lean.call("PING") == b"PONG"
+    except (ConnectionError, RespError):
+        by_lean = False
+    finally:
+        await lean.close()
+    return by_admin, by_lean
+
+
+async def test_special_character_passwords_log_in_on_both_paths(tmp_path):
+    """A URL whose password was percent-encoded (every reserved character), in the user info
+    and in the query, for the default user and an ACL user with a ':' in its name: both store
+    clients log in with it, and agree everywhere."""
+    from gateway.redis_urls import check_store_url
+    proc, port = start_redis(tmp_path, "--requirepass", HARD_PASSWORD)
+    try:
+        admin = redis.Redis(port=port, password=HARD_PASSWORD)
+        admin.acl_setuser("app:x", enabled=True, passwords=[f"+{HARD_PASSWORD}"],
+                          commands=["+@all"], keys=["*"])
+        admin.acl_setuser("open", enabled=True, nopass=True, commands=["+@all"], keys=["*"])
+        admin.close()
+        base, in_query = f"127.0.0.1:{port}", HARD_ENCODED.replace("+", "%2B")
+        expected = {
+            f"redis://:{HARD_ENCODED}@{base}/0": True,
+            f"redis://default:{HARD_ENCODED}@{base}/0": True,
+            f"redis://app%3Ax:{HARD_ENCODED}@{base}/0": True,
+            f"redis://app%3Ax:{HARD_ENCODED}@{base}/0?protocol=2": True,
+            f"redis://{base}/0?password={in_query}": True,
+            f"redis://open@{base}/0": True,
+            f"redis://open:@{base}/0": True,
+            f"redis://open@{base}/0?protocol=2": True,
+            f"redis://{base}/0?username=open": True,
+            f"redis://{base}/0?username=app%3Ax&password={in_query}&protocol=2": True,
+            f"redis://:{HARD_ENCODED}@{base}/0?protocol=2": True,
+            f"redis://:wrong@{base}/0": False,
+            f"redis://{base}/0": False,
+        }
+        for url in expected:
+            check_store_url(url)
+        got = {url: await both_log_in(url) for url in expected}
+        assert got == {url: (ok, ok) for url, ok in expected.items()}
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def test_ipv6_store_url_works_on_both_paths(tmp_path):
+    """``redis://[::1]:port``: an IPv6 host in brackets, as a cloud provider prints it."""
+    from gateway.redis_urls import check_store_url
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    proc, port = start_redis(tmp_path, "--requirepass", "pw", bind="::1")
+    try:
+        url = f"redis://:pw@[::1]:{port}/2"
+        check_store_url(url)
+        assert await both_log_in(url) == (True, True)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def test_unix_socket_urls_with_db_and_password_agree_on_both_paths(tmp_path):
+    """``unix://`` with the database and the password in the query or in the user info: both
+    store clients read the same database with the same password."""
+    import subprocess
+
+    from conftest import redis_server_binary
+    from gateway.redis_urls import check_store_url, standalone_client
+    sock = f"/tmp/kg-rs-{os.getpid()}-{time.monotonic_ns()}.sock"
+    proc = subprocess.Popen([redis_server_binary(), "--port", "0", "--unixsocket", sock,
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+                             "--requirepass", HARD_PASSWORD],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with redis.Redis(unix_socket_path=sock, password=HARD_PASSWORD, db=5) as marker:
+            marker.set("where", "db5")
+        in_query = HARD_ENCODED.replace("+", "%2B")
+        for url in (f"unix://{sock}?db=5&password={in_query}",
+                    f"unix://:{HARD_ENCODED}@{sock}?db=5",
+                    f"unix://default:{HARD_ENCODED}@{sock}?db=5"):
+            check_store_url(url)
+            admin = standalone_client(url, timeout=2, decode_responses=True)
+            lean = RespClient(url, timeout=2)
+            try:
+                assert (await admin.get("where"), await lean.call("GET", "where")) == \
+                    ("db5", b"db5"), url
+            finally:
+                await admin.aclose()
+                await lean.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
+        with contextlib.suppress(OSError):
+            os.unlink(sock)

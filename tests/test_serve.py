@@ -350,6 +350,72 @@ async def test_a_password_redis_py_accepts_is_accepted_by_serve_too(tmp_path, re
         gw.close()
 
 
+WRONG = "Wr0ng@Pa:ss/wo#rd x+y"
+WRONG_ENC = "Wr0ng%40Pa%3Ass%2Fwo%23rd%20x%2By"
+
+
+def test_refused_credentials_never_show_the_password_in_any_output(tmp_path):
+    """SPEC: a store that refuses the credentials is a start-up error (one line, no password
+    in it); `keygate config check` and `keygate serve` never print it, percent-encoded or
+    decoded, whatever part of the URL holds it, and a user that logs in but lacks a
+    permission the per-request script needs is refused the same way."""
+    from concurrent.futures import ThreadPoolExecutor
+    server, port = password_redis(tmp_path, "the-right-one")
+    try:
+        with redis.Redis(port=port, password="the-right-one") as admin:
+            admin.acl_setuser("noscript", enabled=True, passwords=[f"+{WRONG}"],
+                              commands=["+@all", "-@scripting"], keys=["*"])
+        base = f"127.0.0.1:{port}"
+        urls = [f"redis://:{WRONG_ENC}@{base}/0",
+                f"redis://someone:{WRONG_ENC}@{base}/1",
+                f"redis://{base}/0?password={WRONG_ENC}",
+                f"redis://{base}/0?username=default&password={WRONG_ENC}&client_name=kg",
+                f"redis://noscript:{WRONG_ENC}@{base}/0"]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda i_url: (i_url[1], check_and_serve_outputs(
+                tmp_path / f"c{i_url[0]}", i_url[1])), enumerate(urls)))
+        problems = []
+        for url, outs in results:
+            for cmd, code, text in outs:
+                for secret in (WRONG, WRONG_ENC, "Wr0ng", "wo#rd"):
+                    if secret in text:
+                        problems.append(f"{cmd} for {url}: shows {secret!r}: {text.strip()}")
+                if cmd == "serve":
+                    lines = [line for line in text.splitlines() if line.strip()]
+                    if code != 1 or len(lines) != 1 or "Traceback" in text:
+                        problems.append(f"serve for {url}: exit {code}, {text.strip()}")
+        assert not problems, "\n".join(problems)
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+@pytest.mark.parametrize("scheme", ["REDIS", "Redis"])
+async def test_an_upper_case_scheme_config_check_passes_is_served_too(tmp_path, redis_url,
+                                                                       scheme):
+    """URL schemes are case-insensitive (RFC 3986 3.1), and redis-py reads ``REDIS://`` as
+    ``redis://``; ``check_store_url`` and the admin path accept it. The per-request client's
+    ``clients.connect`` compared the scheme case-sensitively and handed the URL to the
+    Sentinel/Cluster client, which refused it: `keygate config check` said ok, `keygate serve`
+    refused to start with the same file ("not a Sentinel or Cluster URL (scheme 'redis')")."""
+    from urllib.parse import urlsplit
+    url = f"{scheme}://127.0.0.1:{urlsplit(redis_url).port}/0"
+    config, pport, aport = write_config(tmp_path, redis_url=url)
+    checked = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "gateway", "config", "check", str(config)],
+        capture_output=True, text=True, env=env(), timeout=60)
+    assert checked.returncode == 0, checked
+    gw = Served(config, pport, aport)
+    try:
+        try:
+            await gw.ready(timeout=20)
+        except AssertionError:
+            raise AssertionError("config check passed the file, keygate serve refused it: "
+                                 + gw.stderr().strip().splitlines()[-1]) from None
+    finally:
+        gw.close()
+
+
 def test_a_redis_on_a_unix_socket_refusing_the_password_says_check_the_credentials(tmp_path):
     """The same refusal through `unix:///path?password=...`: redis-py raises it there as a
     plain ConnectionError (its AuthenticationError only as the cause), so the line said
@@ -368,6 +434,87 @@ def test_a_redis_on_a_unix_socket_refusing_the_password_says_check_the_credentia
             line = assert_one_clear_line(run_serve(config), "check store.redis_url",
                                          "credentials")
             assert "start Redis" not in line and "wr@ng" not in line, line
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def password_redis(tmp_path, password: str) -> tuple[subprocess.Popen, int]:
+    """A redis-server whose default user's password is ``password``, and its port."""
+    for _ in range(3):  # a port another test took between free_port and the bind: anew
+        port = free_port()
+        server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind",
+                                   "127.0.0.1", "--save", "", "--appendonly", "no",
+                                   "--dir", str(tmp_path), "--requirepass", password],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while server.poll() is None and time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return server, port
+            time.sleep(0.05)
+        server.kill()
+        server.wait(10)
+    pytest.fail("the password-protected redis-server did not start")
+
+
+def check_and_serve_outputs(where: Path, url: str) -> list[tuple[str, int, str]]:
+    """(command, exit code, stdout + stderr) of `keygate config check` and `keygate serve`
+    on a config whose store.redis_url is ``url``."""
+    where.mkdir(exist_ok=True)
+    config, _, _ = write_config(where, redis_url=url)
+    outs = []
+    for cmd in (["config", "check", str(config)], ["serve", "--config", str(config)]):
+        r = subprocess.run([sys.executable, "-m", "gateway", *cmd], capture_output=True,
+                           text=True, timeout=60, env=env(), stdin=subprocess.DEVNULL,
+                           cwd=str(where))
+        outs.append((cmd[0], r.returncode, r.stdout + r.stderr))
+    return outs
+
+
+def test_a_password_with_an_unencoded_at_then_question_mark_is_never_printed(tmp_path):
+    """An operator pastes a generated password without percent-encoding it:
+    ``redis://default:Kq@Zt9?Wv8@host:port/0`` (password ``Kq@Zt9?Wv8``). The load-time check
+    refused a misplaced '@' only when the URL had no user info before it, so this URL was
+    accepted: redis-py reads password ``Kq`` and host ``zt9``, and `keygate serve` failed with
+    "cannot reach the store at redis://default:***@Zt9?Wv8@127.0.0.1:...: ... connecting to
+    zt9:6379" -- most of the password, in the start-up line (SPEC: one line, no password in
+    it), after `config check` said ok. It is refused at load, quoting nothing of the URL."""
+    password = "Kq@Zt9?Wv8"
+    server, port = password_redis(tmp_path, password)
+    try:
+        problems = []
+        for i, url in enumerate([f"redis://default:{password}@127.0.0.1:{port}/0",
+                                 f"redis://:{password}@127.0.0.1:{port}/0"]):
+            for cmd, code, text in check_and_serve_outputs(tmp_path / f"c{i}", url):
+                if "zt9" in text.lower() or "wv8" in text.lower():
+                    problems.append(f"{cmd} (exit {code}) shows the password: {text.strip()}")
+                if code != 1 or "%40" not in text:
+                    problems.append(f"{cmd} (exit {code}) does not refuse it: {text.strip()}")
+        assert not problems, "\n".join(problems)
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_a_query_password_with_an_unencoded_ampersand_is_never_printed(tmp_path):
+    """``?password=Kq7&Wv8zz`` (the '&' not percent-encoded): redis-py reads password ``Kq7``
+    and drops ``Wv8zz`` (a query part without '='). The check that refuses exactly this ("it
+    may be the rest of a password") saw only parts with an '=', so the URL passed `config
+    check`, and `keygate serve`'s start-up line was "cannot reach the store at
+    redis://...?password=***&Wv8zz: AuthenticationError ..." -- the rest of the password."""
+    password = "Kq7&Wv8zz"
+    server, port = password_redis(tmp_path, password)
+    try:
+        problems = []
+        for i, url in enumerate([f"redis://127.0.0.1:{port}/0?password={password}",
+                                 f"redis://127.0.0.1:{port}/0?db=0&password={password}"]):
+            for cmd, code, text in check_and_serve_outputs(tmp_path / f"c{i}", url):
+                if "wv8zz" in text.lower():
+                    problems.append(f"{cmd} (exit {code}) shows the password: {text.strip()}")
+                if code != 1 or "%26" not in text:
+                    problems.append(f"{cmd} (exit {code}) does not refuse it: {text.strip()}")
+        assert not problems, "\n".join(problems)
     finally:
         server.kill()
         server.wait(10)

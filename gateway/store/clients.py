@@ -23,6 +23,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..redis_topology import track_writes
+from ..redis_urls import STANDALONE_SCHEMES, scheme_of
 
 from .resp import ClockSkew, RespClient, RespError, _bulk, _bulk_str4, _encode, clock_offset
 from .scripts import Script
@@ -84,7 +85,7 @@ class ScriptClient(Protocol):
 
 def connect(url: str, timeout: float) -> ScriptClient:
     """The client for ``url``; ValueError on a bad URL."""
-    if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+    if scheme_of(url) in STANDALONE_SCHEMES:  # case-insensitive, as redis-py reads it
         return LeanClient(url, timeout=timeout)
     return TopologyClient(url, timeout=timeout)
 
@@ -96,7 +97,9 @@ class LeanClient(RespClient):
     resends = False
 
     def __init__(self, url: str, *, timeout: float) -> None:
-        super().__init__(url, timeout=timeout)
+        # the store timeout bounds the connect too (the URL's socket_connect_timeout winning),
+        # as on the admin path's redis-py client (redis_urls.standalone_client)
+        super().__init__(url, timeout=timeout, connect_timeout=timeout)
         self._heads: dict[tuple[str, tuple[str, ...], int], bytes] = {}
 
     async def script_load(self, script: Script) -> str:

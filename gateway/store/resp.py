@@ -23,15 +23,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import math
+import socket
 import time
 from typing import Any
 
 import hiredis
+from redis.asyncio.connection import Connection
 from redis.utils import check_protocol_version
 
 from ..redis_urls import parse_standalone_url, tls_files_state
 
+
+# redis-py's TCP keepalive (``socket_keepalive``): its default for a URL that does not say, and
+# the TCP settings it gives a connection with it on (idle 30 s, probes 5 s apart, 3 of them)
+KEEPALIVE_DEFAULT = inspect.signature(Connection.__init__).parameters["socket_keepalive"].default
+try:
+    from redis.asyncio.connection import get_default_socket_keepalive_options
+except ImportError:  # a redis-py that sets SO_KEEPALIVE alone
+    get_default_socket_keepalive_options = dict  # type: ignore[assignment]
+KEEPALIVE_OPTIONS: dict[int, int] = get_default_socket_keepalive_options()
 
 # A connection retired after a timeout is read on until the late replies are in (see
 # RespClient._sweep_retired): for at most this many seconds, and at most this many of them.
@@ -370,6 +382,10 @@ class RespClient(ClockSkew):
         self.timeout = target.option_seconds("socket_timeout", timeout)
         self.connect_timeout = target.option_seconds("socket_connect_timeout", connect_timeout)
         self.client_name = target.options.get("client_name")
+        # TCP keepalive as redis-py sets it for this URL (a unix socket has none)
+        keepalive = target.options.get("socket_keepalive")
+        self.keepalive = self.path is None and bool(
+            KEEPALIVE_DEFAULT if keepalive is None else keepalive)
         # whether redis-py logs in with HELLO 3 for this URL (not ``protocol=2``): this client
         # reads RESP2 replies, so it sends the AUTH that HELLO 3 AUTH amounts to
         self._resp3_login = check_protocol_version(target.options.get("protocol"), 3)
@@ -386,6 +402,16 @@ class RespClient(ClockSkew):
         self._connecting: asyncio.Future | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._retired: list[_Protocol] = []  # timed out, still reading late replies
+        # ``health_check_interval`` (redis-py's): a connection idle for longer is checked with
+        # a PING before a command goes on it, and made anew if the PING fails. Only with the
+        # option set does a call go through the check (``_checked_call``): without it, the
+        # hot path is the plain one.
+        self.health_check_interval = float(target.options.get("health_check_interval") or 0)
+        self._checked: _Protocol | None = None  # the connection ``_last_used`` is about
+        self._last_used = -math.inf
+        if self.health_check_interval > 0:
+            self.call = self._checked_call  # type: ignore[method-assign]
+            self.call_encoded = self._checked_call_encoded  # type: ignore[method-assign]
 
     def _tls_files_now(self) -> tuple | None:
         if self._ssl is None:
@@ -417,6 +443,16 @@ class RespClient(ClockSkew):
         except (OSError, asyncio.TimeoutError) as exc:
             raise not_sent(
                 f"cannot connect to Redis: {exc.__class__.__name__}: {exc}") from exc
+        if self.keepalive:
+            sock = proto.transport.get_extra_info("socket")
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                for option, value in KEEPALIVE_OPTIONS.items():
+                    sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError as exc:  # (as redis-py: the connection is not used)
+                proto.abort(ConnectionError("connection to Redis not set up"))
+                raise not_sent(f"cannot set TCP keepalive on the connection to Redis: "
+                               f"{exc}") from exc
         hello = []
         # redis-py's rule (UsernamePasswordCredentialProvider): a user name alone logs in as
         # that user with an empty password (an ACL user with ``nopass``), not as ``default``
@@ -636,6 +672,36 @@ class RespClient(ClockSkew):
         proto.out.append(command)
         proto.waiting.append((fut, proto.sent_at))
         return fut
+
+    def _checked_call(self, *args: Any) -> "asyncio.Future[Any]":
+        """``call`` with ``health_check_interval``."""
+        return self._checked_call_encoded(_encode(args))
+
+    def _checked_call_encoded(self, command: bytes) -> "asyncio.Future[Any]":
+        """``call_encoded`` with ``health_check_interval``: a connection nothing was sent on
+        for longer than the interval (and nothing awaited on) is checked first, as redis-py
+        checks its connection before a command."""
+        proto, now = self._proto, time.monotonic()
+        if proto is None or proto.closed:
+            return asyncio.ensure_future(self._encoded_after_connect(command))
+        if proto is not self._checked:  # a new connection: just made, fresh
+            self._checked, self._last_used = proto, now
+        idle = now - self._last_used > self.health_check_interval and not proto.waiting
+        self._last_used = now
+        if idle:
+            return asyncio.ensure_future(self._after_health_check(proto, command))
+        return self._send_encoded(proto, command)
+
+    async def _after_health_check(self, proto: _Protocol, command: bytes) -> Any:
+        try:
+            await self._send_encoded(proto, _encode(("PING",)))
+        except RespError:
+            pass  # an answer (an ACL refusing PING): the connection is alive
+        except ConnectionError:
+            # dead (closed with it), or stuck (TimedOut: retired, read on for the late replies
+            # of the calls sent with it): the call goes on a new connection
+            pass
+        return await self._encoded_after_connect(command)
 
     async def close(self) -> None:
         """Close the connection (calls in flight get ``ConnectionError``) and stop the
