@@ -704,7 +704,11 @@ def _supervise(config: Config, store_url: str, workers: int,
                         _kill_past_the_bound(children, remaining, killed_at - stopping[0],
                                              bound)
                         continue
-                select.select([wake_r], [], [], timeout)
+                # poll, not select: a descriptor past 1024 (a parent that leaves many open)
+                # is out of select's range
+                waiting = select.poll()
+                waiting.register(wake_r, select.POLLIN)
+                waiting.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
                 with contextlib.suppress(BlockingIOError):
                     while os.read(wake_r, 512):
                         pass

@@ -221,14 +221,17 @@ def _bad_character(source: str, text: str, exc: yaml.reader.ReaderError) -> str:
 
 def _not_utf8(source: str, exc: UnicodeDecodeError) -> str:
     """``file:line: cannot read the file: not UTF-8 text ...`` at the bad byte's own line (the
-    newlines before it, plus one) and column (the characters before it on its line): a file
+    line breaks before it, plus one) and column (the characters before it on its line): a file
     saved in Latin-1 or cp1252 by an editor. Offsets are the decoded bytes' (after a byte
     order mark)."""
     data = bytes(exc.object)
     start = exc.start
-    line_start = data.rfind(b"\n", 0, start) + 1
-    line = data.count(b"\n", 0, start) + 1
-    column = len(data[line_start:start].decode("utf-8", "replace")) + 1
+    # the text before it, decoded (it is valid up to there), its line breaks counted as YAML
+    # counts them (lone CR, NEL, U+2028...), as every other problem's line is
+    before = data[:start].decode("utf-8", "replace")
+    breaks = list(_LINE_BREAKS.finditer(before))
+    line = len(breaks) + 1
+    column = len(before) - (breaks[-1].end() if breaks else 0) + 1
     return one_line(f"{source}:{line}: cannot read the file: not UTF-8 text (byte "
                     f"0x{data[start]:02x}, column {column}); save it as UTF-8")
 
