@@ -541,67 +541,6 @@ async def test_resp_socket_keepalive_of_the_url_is_honoured_as_by_redis_py(own_r
         await lean.close()
 
 
-def pings(port: int) -> int:
-    """PINGs Redis ran since the last asking (its counters reset)."""
-    with redis.Redis(port=port) as asker:
-        stats = asker.info("commandstats")
-        asker.config_resetstat()
-    return int(stats.get("cmdstat_ping", {}).get("calls", 0))
-
-
-async def test_resp_health_check_interval_of_the_url_is_honoured_as_by_redis_py(own_redis):
-    """``?health_check_interval=1`` (accepted at load): redis-py checks a connection idle for
-    longer than that with a PING before using it, and makes a new one if the PING fails. The
-    lean per-request client took the option without a word and never did."""
-    from gateway.redis_urls import check_store_url, standalone_client
-    port = own_redis.port
-    url = f"redis://127.0.0.1:{port}/0?health_check_interval=1"
-    check_store_url(url)
-    admin = standalone_client(url, timeout=2, decode_responses=False)
-    lean = RespClient(url, timeout=2)
-    try:
-        await admin.get("x")
-        await lean.call("GET", "x")
-        pings(port)
-        await admin.get("x")
-        await lean.call("GET", "x")
-        assert pings(port) == 0  # not idle: no check
-        await asyncio.sleep(1.3)
-        await admin.get("x")
-        assert pings(port) == 1  # redis-py: the idle connection checked first
-        first = lean._proto
-        assert await asyncio.gather(lean.call("GET", "x"), lean.call("GET", "x"),
-                                    lean.call_encoded(b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n")) \
-            == [None, None, None]
-        assert pings(port) == 1, "the per-request client does not check an idle connection"
-        assert lean._proto is first
-        # a connection that died while idle, unseen (a NAT or firewall dropping it): the PING
-        # fails (here: times out), and the call goes on a new connection
-        await asyncio.sleep(1.3)
-        lean.timeout = 0.3
-        lean._proto.transport.pause_reading()  # nothing it is sent is answered any more
-        assert await lean.call("SET", "x", "1") == b"OK"
-        assert lean._proto is not first
-        assert redis.Redis(port=port).get("x") == b"1"
-    finally:
-        await admin.aclose()
-        await lean.close()
-
-
-async def test_resp_without_health_check_interval_sends_no_ping(own_redis):
-    port = own_redis.port
-    lean = RespClient(f"redis://127.0.0.1:{port}/0", timeout=2)
-    try:
-        await lean.call("GET", "x")
-        pings(port)
-        await asyncio.sleep(1.2)
-        await lean.call("GET", "x")
-        assert pings(port) == 0
-        assert "call" not in vars(lean)  # the hot path is the plain one
-    finally:
-        await lean.close()
-
-
 async def test_resp_reconnect_sends_auth_and_select_again(own_redis):
     admin = redis.Redis.from_url(own_redis.url)
     admin.config_set("requirepass", "s3cret")

@@ -402,16 +402,6 @@ class RespClient(ClockSkew):
         self._connecting: asyncio.Future | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._retired: list[_Protocol] = []  # timed out, still reading late replies
-        # ``health_check_interval`` (redis-py's): a connection idle for longer is checked with
-        # a PING before a command goes on it, and made anew if the PING fails. Only with the
-        # option set does a call go through the check (``_checked_call``): without it, the
-        # hot path is the plain one.
-        self.health_check_interval = float(target.options.get("health_check_interval") or 0)
-        self._checked: _Protocol | None = None  # the connection ``_last_used`` is about
-        self._last_used = -math.inf
-        if self.health_check_interval > 0:
-            self.call = self._checked_call  # type: ignore[method-assign]
-            self.call_encoded = self._checked_call_encoded  # type: ignore[method-assign]
 
     def _tls_files_now(self) -> tuple | None:
         if self._ssl is None:
@@ -672,36 +662,6 @@ class RespClient(ClockSkew):
         proto.out.append(command)
         proto.waiting.append((fut, proto.sent_at))
         return fut
-
-    def _checked_call(self, *args: Any) -> "asyncio.Future[Any]":
-        """``call`` with ``health_check_interval``."""
-        return self._checked_call_encoded(_encode(args))
-
-    def _checked_call_encoded(self, command: bytes) -> "asyncio.Future[Any]":
-        """``call_encoded`` with ``health_check_interval``: a connection nothing was sent on
-        for longer than the interval (and nothing awaited on) is checked first, as redis-py
-        checks its connection before a command."""
-        proto, now = self._proto, time.monotonic()
-        if proto is None or proto.closed:
-            return asyncio.ensure_future(self._encoded_after_connect(command))
-        if proto is not self._checked:  # a new connection: just made, fresh
-            self._checked, self._last_used = proto, now
-        idle = now - self._last_used > self.health_check_interval and not proto.waiting
-        self._last_used = now
-        if idle:
-            return asyncio.ensure_future(self._after_health_check(proto, command))
-        return self._send_encoded(proto, command)
-
-    async def _after_health_check(self, proto: _Protocol, command: bytes) -> Any:
-        try:
-            await self._send_encoded(proto, _encode(("PING",)))
-        except RespError:
-            pass  # an answer (an ACL refusing PING): the connection is alive
-        except ConnectionError:
-            # dead (closed with it), or stuck (TimedOut: retired, read on for the late replies
-            # of the calls sent with it): the call goes on a new connection
-            pass
-        return await self._encoded_after_connect(command)
 
     async def close(self) -> None:
         """Close the connection (calls in flight get ``ConnectionError``) and stop the
