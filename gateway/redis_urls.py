@@ -582,7 +582,9 @@ def check_store_url(url: str) -> None:
                          "it): percent-encode a # in its user name or password as %23")
     # (with user info before it too: ``redis://u:Kq@Zt9?Wv8@host/0`` is password Kq@Zt9?Wv8,
     # which redis-py reads as password Kq and host zt9)
-    if "@" in parts.path or _password_in_query(
+    # (a unix:// URL with nothing before its path has no user info to misplace: an '@' there
+    # is the socket path's own, unix:///run/redis@6379/redis.sock)
+    if ("@" in parts.path and (scheme != "unix" or parts.netloc)) or _password_in_query(
             parts.query, _standalone_options(scheme == "unix") | set(TLS_OPTIONS)):
         raise _misplaced_at(scheme, "host")
     if scheme == "unix":

@@ -1744,3 +1744,21 @@ def test_keys_are_not_read_from_headers_keygate_manages_or_http_frames_with(
          "only other headers here"]
     assert load_config(write(tmp_path, "keys:\n  headers: [X-Api-Key, X_Auth_Token]\n")
                        ).keys.headers == ("X-Api-Key", "X_Auth_Token")
+
+
+def test_a_unix_socket_path_with_an_at_sign_is_a_valid_store_url():
+    """``unix:///run/redis@6379/redis.sock`` (a per-instance runtime directory) is a valid
+    redis-py URL: its path is the socket path, with no user info to misplace. It was refused
+    as "an @ after its host"; an '@' in the path after a user info still is."""
+    from redis.asyncio.connection import parse_url
+    from gateway.redis_urls import check_store_url, redact
+    url = "unix:///run/redis@6379/redis.sock"
+    assert parse_url(url)["path"] == "/run/redis@6379/redis.sock"
+    assert redact(url) == url
+    check_store_url(url)
+    check_store_url(url + "?db=2")
+    with pytest.raises(ValueError):  # a password with an unencoded '/': refused
+        check_store_url("unix://:pa/ss@/run/redis.sock?db=1")
+    with pytest.raises(ValueError, match="percent-encode"):
+        check_store_url("unix://user:pass@x/run/redis@6379/redis.sock")
+
