@@ -94,16 +94,23 @@ async def _ping_failure(store: Any, store_url: str,
     name: the Sentinels are asked which (a typo, another environment's name is no Redis to
     start)."""
     service = await _unknown_master(store, problem)
+    if service is _REFUSED:
+        return (f"cannot use the store at {redact(store_url)}: the Sentinels refused the URL's "
+                "credentials for them (sentinel_password, or none where they require one)",
+                True, None)
     if service is not None:
         return (f"cannot use the store at {redact(store_url)}: the Sentinels answered and know "
                 f"no master named {service!r}", True, _MASTER_NAME)
     return f"cannot reach the store at {redact(store_url)}: {problem}", _answered(problem), None
 
 
+_REFUSED = "\0refused"  # _unknown_master: a Sentinel answered, refusing the credentials
+
+
 async def _unknown_master(store: Any, problem: str) -> str | None:
     """The master name of a Sentinel URL when ``problem`` is redis-py's "No master found" and
-    a Sentinel answered without that name among its masters (one naming it, or none answering:
-    None)."""
+    a Sentinel answered without that name among its masters; ``_REFUSED`` when none did but
+    one refused the credentials; else None (one naming it, or none answering)."""
     if not problem.startswith("MasterNotFoundError"):
         return None
     client = getattr(store, "redis", None)
@@ -111,17 +118,20 @@ async def _unknown_master(store: Any, problem: str) -> str | None:
     service = getattr(getattr(client, "connection_pool", None), "service_name", None)
     if sentinel is None or not service:
         return None
-    answered = False
+    answered = refused = False
     for each in sentinel.sentinels:
         try:
             masters = await each.sentinel_masters()
-        except Exception:  # noqa: BLE001 - down, refused: it did not answer
+        except Exception as exc:  # noqa: BLE001 - down: it did not answer
+            # one refusing the credentials did answer (redis-py's MasterNotFoundError hid it)
+            refused = refused or _answered(f"{type(exc).__name__}: {exc}") \
+                or any(w in str(exc) for w in ("NOAUTH", "WRONGPASS", "invalid password"))
             continue
         names = {n.decode() if isinstance(n, bytes) else n for n in masters}
         if service in names:
             return None  # known there (but taken for down): not this case
         answered = True
-    return service if answered else None
+    return service if answered else _REFUSED if refused else None
 
 
 def _answered(problem: str) -> bool:

@@ -1112,3 +1112,33 @@ async def test_cluster_an_unknown_key_id_is_401_while_an_unrelated_node_is_down(
                 body = await r.json()
                 answers.append((r.status, body["error"]["code"]))
         assert answers == [(401, "invalid_key")] * len(answers), answers
+
+
+@pytest.mark.parametrize("sentinel_query", ["?sentinel_password=wrong-sentinel-pw", ""])
+def test_a_sentinel_refusing_its_password_is_not_told_start_redis(sentinel_group,
+                                                                  sentinel_query) -> None:
+    """The Sentinel is up and answers, refusing the URL's ``sentinel_password`` (wrong, or
+    missing where sentinel.conf has ``requirepass``). redis-py turns that refusal
+    (AuthenticationError, a ConnectionError) into MasterNotFoundError; ``_ping_failure``
+    asks the Sentinels again (``SENTINEL MASTERS``), the refusal is taken for "did not
+    answer" (``except Exception: continue``), and ``_answered("MasterNotFoundError: ...")``
+    is False: the one line said "start Redis, or point store.redis_url at one this host can
+    reach" to an operator whose Sentinel is running and refused the credentials. SPEC: a
+    store that refuses the credentials is a start-up error saying so."""
+    import dataclasses
+    from conftest import free_port
+    from harness import make_config
+    from gateway.workers import _preflight
+    from test_redis_topologies import DATA_PW, MASTER
+    config = make_config("http://127.0.0.1:9")
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, port=free_port()),
+        admin=dataclasses.replace(config.admin, port=free_port()))
+    url = (f"redis+sentinel://:{DATA_PW}@127.0.0.1:{sentinel_group['sentinel']}/{MASTER}/0"
+           + sentinel_query)
+    config = dataclasses.replace(config, store=dataclasses.replace(config.store,
+                                                                   redis_url=url))
+    problem = _preflight(config, url)
+    assert problem is not None and "\n" not in problem
+    assert DATA_PW not in problem and "wrong-sentinel-pw" not in problem
+    assert "start Redis" not in problem, problem
