@@ -1441,50 +1441,62 @@ def test_a_rotation_by_a_workspace_admin_that_cuts_the_keys_life_says_so(page, g
     assert told, (rotate_text, token_text)
 
 
+def _rotate_as_workspace_admin(page, gateway, ws: str, *, admin_days: int,
+                               made_days_ago: float, life_days: float) -> tuple:
+    """Sign in with a keys:admin key of ``ws`` expiring in ``admin_days``, and rotate from the
+    console a key "prod" made ``made_days_ago`` with a life of ``life_days`` (written into its
+    record). Returns (the Rotate dialog's text and warnings, the token dialog's, the new key,
+    the admin key's expiry as the API writes it)."""
+    new_workspace(gateway, ws, ws.title())
+    at = (int(time.time()) // 60 + admin_days * 24 * 60) * 60
+    acting_iso = datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    token, _ = gateway.key(ws, name=f"{ws}-admin", scopes=["keys:admin", "people:read"],
+                           expires_at=acting_iso)
+    far = datetime.fromtimestamp(time.time() + 90 * 86400, timezone.utc)
+    _, prod = gateway.key(ws, name="prod", scopes=["people:read"],
+                          expires_at=far.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    r = redis_sync.Redis.from_url(gateway.redis_url)
+    made = float(int(time.time())) - made_days_ago * 86400
+    r.hset(f"kg:key:{{{ws}}}:{prod['id']}",
+           mapping={"created_at": repr(made), "expires_at": repr(made + life_days * 86400)})
+    r.close()
+    page.tokens_seen.append(token)
+    page.sign_in(token)
+    wait(page.driver, lambda d: "prod" in page.rows())
+    page.press("Rotate", "prod")
+
+    def said() -> tuple[str, list[str]]:
+        dialog = page.dialog()
+        return dialog.text, [w.text for w in dialog.find_elements(By.CSS_SELECTOR, ".warning")]
+    rotate = said()
+    page.button("Rotate", page.dialog()).click()
+    shown = wait(page.driver, lambda d: next(
+        (t for t in d.find_elements(By.CSS_SELECTOR, '[role="dialog"] [data-token]')
+         if t.is_displayed()), False))
+    told = said()
+    new_token = shown.text.strip()
+    page.tokens_seen.append(new_token)
+    status, keys = gateway.admin("GET", f"/workspaces/{ws}/keys?status=active")
+    new = next(k for k in keys["items"] if k["name"] == "prod"
+               and new_token.startswith(k["prefix"]))
+    page.button("Done", page.dialog()).click()
+    page.no_dialog()
+    return rotate, told, new, acting_iso
+
+
 def test_console_a_rotation_of_an_expired_key_cut_by_the_admins_key_says_so(page, gateway):
     """A rotation gives the new key the old key's *lifetime* from now (rotate_key: now +
     (expires_at - created_at)), capped by a workspace admin's own expiry. An expired
     30-day key (expired yesterday: the case "an expired key's rotation" is for) rotated by
     an operator gets 30 days; rotated from the console by a workspace admin whose key expires
-    in 2 days, it gets 2 days. The console's warnings (9b4ce8a) compared the admin's expiry
+    in 2 days, it gets 2 days. The console's first warnings compared the admin's expiry
     (Rotate dialog) and the new key's (token dialog) with the *old key's expiry*, which is in
     the past: neither dialog warned, and the integration was handed a token that dies in 2
-    days instead of 30, silently -- the very surprise 9b4ce8a set out to name. Both dialogs
-    now compare with the old key's lifetime from now, and name the date."""
-    new_workspace(gateway, "selfrot", "Self Rot")
-    at = (int(time.time()) // 60 + 2 * 24 * 60) * 60
-    acting_iso = datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    token, _ = gateway.key("selfrot", name="selfrot-admin",
-                           scopes=["keys:admin", "people:read"], expires_at=acting_iso)
-    far = datetime.fromtimestamp(time.time() + 40 * 86400, timezone.utc)
-    _, prod = gateway.key("selfrot", name="prod", scopes=["people:read"],
-                          expires_at=far.strftime("%Y-%m-%dT%H:%M:%SZ"))
-    # made 31 days ago with a 30-day life: expired yesterday
-    r = redis_sync.Redis.from_url(gateway.redis_url)
-    now = time.time()
-    r.hset(f"kg:key:{{selfrot}}:{prod['id']}",
-           mapping={"created_at": repr(now - 31 * 86400), "expires_at": repr(now - 86400)})
-    r.close()
-    status, listing = gateway.admin("GET", f"/workspaces/selfrot/keys/{prod['id']}")
-    assert status == 200 and listing["status"] == "expired", listing
-    page.tokens_seen.append(token)
-    page.sign_in(token)
-    wait(page.driver, lambda d: "prod" in page.rows())
-    page.press("Rotate", "prod")
-    rotate_text = page.dialog().text
-    page.button("Rotate", page.dialog()).click()
-    shown = wait(page.driver, lambda d: next(
-        (t for t in d.find_elements(By.CSS_SELECTOR, '[role="dialog"] [data-token]')
-         if t.is_displayed()), False))
-    token_text = page.dialog().text
-    new_token = shown.text.strip()
-    page.tokens_seen.append(new_token)
-    status, keys = gateway.admin("GET", "/workspaces/selfrot/keys?status=active")
-    new = next(k for k in keys["items"] if k["name"] == "prod"
-               and new_token.startswith(k["prefix"]))
+    days instead of 30, silently. Both dialogs now compare with the old key's lifetime from
+    now, and name the date."""
+    (rotate_text, _), (token_text, _), new, acting_iso = _rotate_as_workspace_admin(
+        page, gateway, "selfrot", admin_days=2, made_days_ago=31, life_days=30)
     assert new["expires_at"] == acting_iso  # the API cut 30 days to the admin's 2
-    page.button("Done", page.dialog()).click()
-    page.no_dialog()
     shown_at = acting_iso.replace("T", " ")[:16] + " UTC"
     assert shown_at in rotate_text and shown_at in token_text, (rotate_text, token_text)
 
@@ -1495,37 +1507,9 @@ def test_console_a_rotation_whose_lifetime_the_admins_key_cuts_says_so(page, gat
     rotates it: the API gives the successor 20 days (cut by half). Both warnings compared
     with the old key's expiry (5 days), so neither fired, and the Rotate dialog still
     promised a like-for-like replacement."""
-    new_workspace(gateway, "selfrot2", "Self Rot Two")
-    at = (int(time.time()) // 60 + 20 * 24 * 60) * 60
-    acting_iso = datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    token, _ = gateway.key("selfrot2", name="selfrot2-admin",
-                           scopes=["keys:admin", "people:read"], expires_at=acting_iso)
-    far = datetime.fromtimestamp(time.time() + 60 * 86400, timezone.utc)
-    _, prod = gateway.key("selfrot2", name="prod", scopes=["people:read"],
-                          expires_at=far.strftime("%Y-%m-%dT%H:%M:%SZ"))
-    r = redis_sync.Redis.from_url(gateway.redis_url)  # made 35 days ago with a 40-day life
-    now = time.time()
-    r.hset(f"kg:key:{{selfrot2}}:{prod['id']}",
-           mapping={"created_at": repr(now - 35 * 86400), "expires_at": repr(now + 5 * 86400)})
-    r.close()
-    page.tokens_seen.append(token)
-    page.sign_in(token)
-    wait(page.driver, lambda d: "prod" in page.rows())
-    page.press("Rotate", "prod")
-    rotate_text = page.dialog().text
-    page.button("Rotate", page.dialog()).click()
-    shown = wait(page.driver, lambda d: next(
-        (t for t in d.find_elements(By.CSS_SELECTOR, '[role="dialog"] [data-token]')
-         if t.is_displayed()), False))
-    token_text = page.dialog().text
-    new_token = shown.text.strip()
-    page.tokens_seen.append(new_token)
-    status, keys = gateway.admin("GET", "/workspaces/selfrot2/keys?status=active")
-    new = next(k for k in keys["items"] if k["name"] == "prod"
-               and new_token.startswith(k["prefix"]))
+    (rotate_text, _), (token_text, _), new, acting_iso = _rotate_as_workspace_admin(
+        page, gateway, "selfrot2", admin_days=20, made_days_ago=35, life_days=40)
     assert new["expires_at"] == acting_iso  # 20 days where a rotation gives 40
-    page.button("Done", page.dialog()).click()
-    page.no_dialog()
     shown_at = acting_iso.replace("T", " ")[:16] + " UTC"
     assert shown_at in rotate_text and shown_at in token_text, (rotate_text, token_text)
 
@@ -1535,39 +1519,11 @@ def test_console_a_rotation_whose_lifetime_the_admins_key_holds_warns_of_nothing
     rotated by a workspace admin whose key expires in 20 days, gets its 10 days from now, not
     cut; neither dialog warns of an expiry, though the old key's (past) one is earlier than
     the admin's and its lifetime from its creation too."""
-    new_workspace(gateway, "selfrot3", "Self Rot Three")
-    at = (int(time.time()) // 60 + 20 * 24 * 60) * 60
-    acting_iso = datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    token, _ = gateway.key("selfrot3", name="selfrot3-admin",
-                           scopes=["keys:admin", "people:read"], expires_at=acting_iso)
-    far = datetime.fromtimestamp(time.time() + 15 * 86400, timezone.utc)
-    _, prod = gateway.key("selfrot3", name="prod", scopes=["people:read"],
-                          expires_at=far.strftime("%Y-%m-%dT%H:%M:%SZ"))
-    r = redis_sync.Redis.from_url(gateway.redis_url)  # made 30 days ago with a 10-day life
-    now = float(int(time.time()))
-    r.hset(f"kg:key:{{selfrot3}}:{prod['id']}",
-           mapping={"created_at": repr(now - 30 * 86400), "expires_at": repr(now - 20 * 86400)})
-    r.close()
-    page.tokens_seen.append(token)
-    page.sign_in(token)
-    wait(page.driver, lambda d: "prod" in page.rows())
-    page.press("Rotate", "prod")
-    rotate_warnings = [p.text for p in page.dialog().find_elements(By.CSS_SELECTOR, ".warning")]
-    page.button("Rotate", page.dialog()).click()
-    shown = wait(page.driver, lambda d: next(
-        (t for t in d.find_elements(By.CSS_SELECTOR, '[role="dialog"] [data-token]')
-         if t.is_displayed()), False))
-    token_warnings = [p.text for p in page.dialog().find_elements(By.CSS_SELECTOR, ".warning")]
-    new_token = shown.text.strip()
-    page.tokens_seen.append(new_token)
-    status, keys = gateway.admin("GET", "/workspaces/selfrot3/keys?status=active")
-    new = next(k for k in keys["items"] if k["name"] == "prod"
-               and new_token.startswith(k["prefix"]))
+    (_, rotate_warnings), (_, token_warnings), new, _ = _rotate_as_workspace_admin(
+        page, gateway, "selfrot3", admin_days=20, made_days_ago=30, life_days=10)
     created = datetime.strptime(new["created_at"], "%Y-%m-%dT%H:%M:%SZ")
     expires = datetime.strptime(new["expires_at"], "%Y-%m-%dT%H:%M:%SZ")
     assert (expires - created).total_seconds() == 10 * 86400  # not cut
-    page.button("Done", page.dialog()).click()
-    page.no_dialog()
     assert rotate_warnings == [], rotate_warnings
     assert [w for w in token_warnings if "expires" in w] == [], token_warnings
 
