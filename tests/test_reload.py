@@ -640,16 +640,16 @@ async def last_reload_gauge(s: ClientSession, admin: str) -> float:
                 if sample.name == "keygate_config_last_reload_timestamp_seconds")
 
 
-async def test_an_admin_reload_a_sibling_worker_refuses_is_not_answered_as_a_success(
-        tmp_path, slow_upstream, redis_url):
-    """Under ``--workers 2`` each worker reads the file itself. One that reads it changed (an
-    editor half-way through writing it) refuses it while the worker that took the call swapped
-    it in: the workers serve different configs. The call answered 200 ``ok`` all the same, and
-    the last-reload gauge showed the newest worker's time, so nothing told the operator."""
+@contextlib.asynccontextmanager
+async def _one_of_two_workers_stopped(tmp_path, slow_upstream, redis_url):
+    """``serve --workers 2``, an admin connection held to one worker, the other SIGSTOPped:
+    yields (the serve, the connection's reader and writer, the stopped pid, the config path,
+    a ``resume()`` that sends the stopped one SIGCONT), and resumes it at the end whatever
+    happened."""
     url, _ = slow_upstream
     config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
     gw = Served(config, pport, aport, "--workers", "2")
-    stopped = None
+    stopped: list[int] = []
     try:
         await gw.ready()
         # both workers up (a worker still starting has not said yet where it stands)
@@ -657,9 +657,28 @@ async def test_an_admin_reload_a_sibling_worker_refuses_is_not_answered_as_a_suc
             gw.stderr()
         reader, writer = await asyncio.open_connection("127.0.0.1", aport)
         answering = await serving_pid(aport, writer.get_extra_info("sockname")[1])
-        [stopped] = children_of(gw.proc.pid) - {answering}
-        stopped_pid = stopped
-        os.kill(stopped, signal.SIGSTOP)  # it takes the supervisor's SIGHUP later
+        [pid] = children_of(gw.proc.pid) - {answering}
+        os.kill(pid, signal.SIGSTOP)  # it takes the supervisor's SIGHUP later
+        stopped.append(pid)
+
+        def resume() -> None:
+            while stopped:
+                os.kill(stopped.pop(), signal.SIGCONT)
+        yield gw, reader, writer, pid, config, resume
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        gw.close()
+
+
+async def test_an_admin_reload_a_sibling_worker_refuses_is_not_answered_as_a_success(
+        tmp_path, slow_upstream, redis_url):
+    """Under ``--workers 2`` each worker reads the file itself. One that reads it changed (an
+    editor half-way through writing it) refuses it while the worker that took the call swapped
+    it in: the workers serve different configs. The call answered 200 ``ok`` all the same, and
+    the last-reload gauge showed the newest worker's time, so nothing told the operator."""
+    async with _one_of_two_workers_stopped(tmp_path, slow_upstream, redis_url) as (
+            gw, reader, writer, stopped_pid, config, resume):
         edit_routes(config, [PEOPLE, {"path": "/more/**", "upstream": "api",
                                       "scopes": ["people:read"]}])
         called = time.time()
@@ -668,8 +687,7 @@ async def test_an_admin_reload_a_sibling_worker_refuses_is_not_answered_as_a_suc
                      + b"\r\n\r\n")
         assert await eventually(lambda: "config reloaded from" in gw.stderr()), gw.stderr()
         config.write_text(config.read_text()[:40])  # caught half-written by the other
-        os.kill(stopped, signal.SIGCONT)
-        stopped = None
+        resume()
         answer = await asyncio.wait_for(reader.read(), 15)
         writer.close()
         head, _, raw = answer.partition(b"\r\n\r\n")
@@ -683,10 +701,6 @@ async def test_an_admin_reload_a_sibling_worker_refuses_is_not_answered_as_a_suc
         async with ClientSession(timeout=TIMEOUT) as s:
             assert await last_reload_gauge(s, gw.admin) < called
         assert await asyncio.to_thread(gw.terminate) == 0
-    finally:
-        if stopped is not None:
-            os.kill(stopped, signal.SIGCONT)
-        gw.close()
 
 
 async def test_a_reload_a_worker_has_not_taken_is_not_reported_as_done(tmp_path,
@@ -699,19 +713,8 @@ async def test_a_reload_a_worker_has_not_taken_is_not_reported_as_done(tmp_path,
     worker served the old routes. The 200 (this worker did take the file) now names those
     workers in ``not_confirmed``, and the command says so and exits 1
     (tests/test_cli.py)."""
-    url, _ = slow_upstream
-    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
-    gw = Served(config, pport, aport, "--workers", "2")
-    stopped = None
-    try:
-        await gw.ready()
-        assert await eventually(lambda: gw.stderr().count("keygate listening") == 2), \
-            gw.stderr()
-        reader, writer = await asyncio.open_connection("127.0.0.1", aport)
-        answering = await serving_pid(aport, writer.get_extra_info("sockname")[1])
-        [stopped] = children_of(gw.proc.pid) - {answering}
-        stopped_pid = stopped
-        os.kill(stopped, signal.SIGSTOP)
+    async with _one_of_two_workers_stopped(tmp_path, slow_upstream, redis_url) as (
+            gw, reader, writer, stopped_pid, config, resume):
         edit_routes(config, [PEOPLE, {"path": "/more/**", "upstream": "api",
                                       "scopes": ["people:read"]}])
         writer.write(b"POST /admin/v1/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
@@ -728,18 +731,13 @@ async def test_a_reload_a_worker_has_not_taken_is_not_reported_as_done(tmp_path,
         assert await eventually(lambda: re.search(
             rf"worker [12] \(pid {stopped_pid}\) had not re-read the config 10 s after the "
             r"reload call", gw.stderr())), gw.stderr()
-        os.kill(stopped, signal.SIGCONT)
-        stopped = None
+        resume()
         # once every worker has taken it, the answer is the usual one again
         async with ClientSession(timeout=TIMEOUT) as s:
             for _ in range(4):
                 status, body = await admin_json(s, gw.admin, "POST", "/reload")
                 assert status == 200 and "not_confirmed" not in body, body
         assert await asyncio.to_thread(gw.terminate) == 0
-    finally:
-        if stopped is not None:
-            os.kill(stopped, signal.SIGCONT)
-        gw.close()
 
 
 async def test_an_admin_reload_waits_for_a_worker_still_starting(tmp_path, slow_upstream,
