@@ -96,8 +96,8 @@ async def _ping_failure(store: Any, store_url: str,
     service = await _unknown_master(store, problem)
     if service is _REFUSED:
         return (f"cannot use the store at {redact(store_url)}: the Sentinels refused the URL's "
-                "credentials for them (sentinel_password, or none where they require one)",
-                True, None)
+                "credentials for them (sentinel_password, or none where they require one): "
+                f"{problem}", True, None)
     if service is not None:
         return (f"cannot use the store at {redact(store_url)}: the Sentinels answered and know "
                 f"no master named {service!r}", True, _MASTER_NAME)
